@@ -1,0 +1,4 @@
+"""Import dsv3_lite before any test module imports transformers (which imports Triton): on a machine without a GPU,
+dsv3_lite.kernels must switch Triton's CPU interpreter on before Triton is first imported."""
+
+import dsv3_lite  # noqa: F401
