@@ -66,23 +66,25 @@ from dsv3_lite.kernels import tl, triton
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X,                    # input, [M, N], rows `stride_x` apart, last dim contiguous
-    W,                    # weight, [N]
-    Y,                    # output, [M, N], rows `stride_y` apart
-    stride_x,             # elements between consecutive rows of X
-    stride_y,             # elements between consecutive rows of Y
-    N,                    # row width (e.g. 7168)
-    eps,                  # added to the mean square
-    BLOCK_N: tl.constexpr,  # power of two >= N: one program holds a whole row
+    X,                      # input, [M, N], rows `stride_x` apart, last dim contiguous
+    W,                      # weight, [N]
+    Y,                      # output, [M, N], rows `stride_y` apart
+    M,                      # number of rows
+    N,                      # row width (e.g. 7168)
+    stride_x,               # elements between consecutive rows of X
+    stride_y,               # elements between consecutive rows of Y
+    eps,                    # added to the mean square
+    BLOCK_M: tl.constexpr,  # rows per program: several narrow rows (kv_norm's 512) share one program
+    BLOCK_N: tl.constexpr,  # power of two >= N: a program holds whole rows
 ):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)      # masked lanes add 0 to the sum
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x * rstd).to(Y.dtype.element_ty).to(tl.float32) * w   # round like the PyTorch path, then scale
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)   # [BLOCK_M]
+    cols = tl.arange(0, BLOCK_N)                                              # [BLOCK_N]
+    mask = (rows[:, None] < M) & (cols[None, :] < N)                          # ragged last block, padded width
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)                     # [BLOCK_M]; masked lanes add 0
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = (x * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32) * w[None, :]  # round like rms_norm, then scale
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -101,8 +103,11 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) ->
     x2 = x.reshape(-1, N)                                       # [M, N], a view when possible
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty_like(x2)
-    if x2.shape[0] > 0:
-        _rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.stride(0), y.stride(0), N, eps,
-                                             BLOCK_N=triton.next_power_of_2(N))
+    M, y = x2.shape[0], torch.empty_like(x2)
+    BLOCK_N = 1 << (N - 1).bit_length()                         # next power of two >= N
+    BLOCK_M = max(1, 4096 // BLOCK_N)                           # about 4096 elements per program
+    if M > 0:
+        _rms_norm_fwd_kernel[((M + BLOCK_M - 1) // BLOCK_M,)](
+            x2, weight.contiguous(), y, M, N, x2.stride(0), y.stride(0), eps,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=8 if BLOCK_M * BLOCK_N >= 4096 else 4)
     return y.view(x.shape)

@@ -46,6 +46,9 @@ class _TritonMissing:
     def __getattr__(self, name):
         return self
 
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"cannot use Triton: {self.reason}; use the PyTorch path instead")
+
 
 class _MissingKernel:
     def __init__(self, fn, reason: str):
