@@ -180,8 +180,11 @@ def export(out: Path) -> list[Path]:
     modules.update(_package_inits(modules))
     # remove what an earlier export generated (data files and anything hand-made stay)
     for old in out.rglob("*.py") if out.exists() else []:
-        if MARK in old.read_text(encoding="utf-8"):
-            old.unlink()
+        try:
+            if MARK in old.read_text(encoding="utf-8"):
+                old.unlink()
+        except FileNotFoundError:  # removed meanwhile by another export run
+            pass
     written = []
     for mod in sorted(modules.values(), key=lambda m: m.name):
         path = out / mod.path
