@@ -14,9 +14,10 @@ or a package `__init__` collected from several notebooks depends on export order
 last run. This script regenerates every module from scratch, in notebook order, and writes nothing else (no
 `_modidx.py`, no `llms.txt`).
 
-Module docstrings come from the notebook: the `# NN · Title` heading and the `> ...` summary below it. The package
-`__init__` may collect `#| export __init__` cells from several notebooks (the public API); its docstring is
-`PACKAGE_DOC` below.
+Module docstrings come from the notebook: the `# NN · Title` heading and the `> ...` summary below it. A package's
+`__init__` (the top-level one, or a sub-package's such as `data.__init__`) holds re-exports and may collect cells
+from several notebooks, in notebook order; every other module is owned by exactly one notebook. The top-level
+docstring is `PACKAGE_DOC` below.
 
 Usage: python tools/export_notebooks.py [--out DIR]   (default: the package folder beside this script)
 """
@@ -108,11 +109,12 @@ def collect(notebooks: list[Path]) -> dict[str, Module]:
                     target = arg or default
                     if not target:
                         raise SystemExit(f"{nb.name}: '#| export' before any '#| default_exp'")
-                    if target != "__init__" and owner.setdefault(target, nb.name) != nb.name:
+                    shared = target.split(".")[-1] == "__init__"  # a package's re-exports may come from several notebooks
+                    if not shared and owner.setdefault(target, nb.name) != nb.name:
                         raise SystemExit(f"{nb.name}: module {target!r} is already exported by {owner[target]}; "
                                          "one notebook owns each module")
                     if target not in modules:
-                        modules[target] = Module(target, "" if target == "__init__" else _docstring(cells, nb))
+                        modules[target] = Module(target, "" if shared else _docstring(cells, nb))
                     modules[target].chunks.append((nb.name, code))
                 elif name not in {"hide", "eval"}:
                     raise SystemExit(f"{nb.name}: unknown directive '#| {name}' (known: default_exp, export, hide, eval)")
@@ -137,8 +139,23 @@ def _split_future(code: str) -> tuple[list[str], str]:
     return fut, "\n".join(ln for ln in lines if not ln.startswith("from __future__ import"))
 
 
+def _own_docstring(code: str) -> tuple[str | None, str]:
+    """A cell that opens with a string literal gives its module that docstring (used by sub-package `__init__`s)."""
+    body = ast.parse(code).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        lines = code.splitlines()
+        return body[0].value.value.strip(), "\n".join(lines[body[0].end_lineno:]).strip("\n")
+    return None, code
+
+
 def render(mod: Module) -> str:
     futures, parts = [], []
+    if mod.chunks:
+        doc, first = _own_docstring(mod.chunks[0][1])
+        if doc:
+            mod.docstring = f"{doc}\n\nGenerated from notebooks/{mod.chunks[0][0]}."
+            mod.chunks[0] = (mod.chunks[0][0], first)
     for nb, code in mod.chunks:
         fut, rest = _split_future(code)
         futures += [f for f in fut if f not in futures]
@@ -171,6 +188,10 @@ def _package_inits(modules: dict[str, Module]) -> dict[str, Module]:
     if "__init__" not in modules:
         extra["__init__"] = Module("__init__")
     extra.get("__init__", modules.get("__init__")).docstring = PACKAGE_DOC.strip()
+    for name, mod in modules.items():  # sub-package __init__ files written by notebooks: say where they come from
+        if name != "__init__" and name.endswith(".__init__") and not mod.docstring:
+            sources = ", ".join(dict.fromkeys(f"notebooks/{nb}" for nb, _ in mod.chunks))
+            mod.docstring = f"The `{PACKAGE}.{name[:-len('.__init__')]}` sub-package. Generated from {sources}."
     return extra
 
 

@@ -1,12 +1,14 @@
-"""01 · RMSNorm
+"""How Triton runs on this machine, decided in one place, before any kernel is defined.
 
-Root-mean-square normalisation, the only normalisation in DeepSeek-V3, and a Triton kernel for it.
+- CUDA GPU and Triton installed: kernels compile for the GPU (`triton_mode() == "compiled"`).
+- No CUDA GPU: `TRITON_INTERPRET=1` is set (unless already set), so `@triton.jit` kernels run on CPU tensors through
+  Triton's interpreter (`"interpreter"`). This only works if Triton is first imported after this module: import
+  `dsv3_lite` before transformers (which imports Triton).
+- Triton not installed (macOS), or imported too early on a CPU machine: `triton` and `tl` are stand-ins, kernel modules
+  still import, every model path uses PyTorch, and launching a kernel raises a RuntimeError saying why
+  (`"unavailable"`).
 
-Implements the RMSNorm of DeepSeek-V3 (arXiv:2412.19437, §2.1 and §4.2: pre-norm of every attention and FFN/MoE
-sub-layer, the query and KV latent norms, the final norm, the MTP norms). Official code: `RMSNorm` in
-`inference/model.py` (calls `F.rms_norm`); transformers: `DeepseekV3RMSNorm`. We follow transformers'
-numerics (normalise in float32, cast to the input dtype, then scale by the weight); the official code multiplies by
-the weight before casting, which differs in the last bit of some bf16 elements (shared/reference/deepseek_v3.md §3.1).
+Kernel modules start with `from dsv3_lite.kernels import HAS_TRITON, triton, tl`.
 
 Generated from notebooks/01_rmsnorm.ipynb.
 """
