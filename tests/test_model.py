@@ -1,0 +1,214 @@
+"""The whole model (notebooks/07_model.ipynb): parity with transformers through save_pretrained/load_hf_checkpoint,
+KV-cache decoding, generation, published sizes, FP8 and sharded checkpoints, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dsv3_lite import ModelArgs, Transformer, load_hf_checkpoint
+from dsv3_lite.config import param_counts
+from dsv3_lite.model import dequantize_fp8, generate, sample
+from dsv3_lite.moe import MoE
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+SMALL = ModelArgs.preset("tiny").replace(
+    vocab_size=300, dim=48, inter_dim=80, moe_inter_dim=24, n_layers=3, n_dense_layers=1, n_heads=4,
+    kv_lora_rank=32, q_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64,
+    original_seq_len=16, max_batch_size=4)
+
+CONFIGS = {
+    "q_lora+groups+yarn": SMALL,
+    "no_q_lora+1group+2shared": SMALL.replace(q_lora_rank=0, n_expert_groups=1, n_limited_groups=1, n_shared_experts=2),
+    "8groups_top4_no_yarn": SMALL.replace(n_routed_experts=16, n_expert_groups=8, n_limited_groups=3,
+                                          n_activated_experts=4, original_seq_len=64, rope_factor=1.0),
+    "2dense_mscale0.707": SMALL.replace(n_layers=4, n_dense_layers=2, mscale=0.707, n_shared_experts=2),
+}
+
+
+def _hf(args, seed):
+    torch.manual_seed(seed)
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**args.to_hf_config())).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers[args.n_dense_layers:]:
+            layer.mlp.gate.weight.normal_(std=0.1)
+            layer.mlp.gate.e_score_correction_bias.normal_(std=0.05)  # non-zero routing bias
+    return hf
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for i, (name, args) in enumerate(CONFIGS.items()):
+        hf = _hf(args, seed=i)
+        hf.save_pretrained(root / name, max_shard_size="200KB" if i == 1 else "5GB")  # one sharded with an index
+        out[name] = (hf, root / name, args)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_equal_transformers(checkpoints, name):
+    hf, path, args = checkpoints[name]
+    ours = load_hf_checkpoint(path, dtype=torch.float32)
+    assert ours.args.n_layers == args.n_layers and ours.args.q_lora_rank == args.q_lora_rank
+    x = torch.randint(0, args.vocab_size, (2, 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (ours(x) - ref).abs().max().item() <= 1e-4
+        assert (ours(x, last_only=True) - ref[:, -1]).abs().max().item() <= 1e-4
+        ours.setup_cache(2, 29)
+        steps = [ours(x[:, :11], 0), ours(x[:, 11:14], 11)] + [ours(x[:, p:p + 1], p) for p in range(14, 29)]
+        ours.reset_cache()
+    assert (torch.cat(steps, 1) - ref).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_really_sharded(checkpoints):
+    _, path, _ = checkpoints["no_q_lora+1group+2shared"]
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 1
+
+
+def _quantize_fp8(w, block=128):
+    N, K = w.shape
+    nb, kb = math.ceil(N / block), math.ceil(K / block)
+    amax = torch.nn.functional.pad(w.abs(), (0, kb * block - K, 0, nb * block - N)).view(nb, block, kb, block).amax((1, 3))
+    s = amax.clamp(min=1e-4) / 448
+    return (w / s.repeat_interleave(block, 0)[:N].repeat_interleave(block, 1)[:, :K]).to(torch.float8_e4m3fn), s
+
+
+def test_fp8_checkpoint_with_mtp_layer(checkpoints, tmp_path, capsys):
+    _, path, args = checkpoints["q_lora+groups+yarn"]
+    config = json.loads((path / "config.json").read_text())
+    fp8, deq = {}, {}
+    for k, v in load_file(path / "model.safetensors").items():
+        if k.endswith("proj.weight"):
+            q, s = _quantize_fp8(v)
+            fp8[k], fp8[k + "_scale_inv"], deq[k] = q, s, dequantize_fp8(q, s, dtype=torch.float32)
+        else:
+            fp8[k] = deq[k] = v
+    fp8["model.layers.3.eh_proj.weight"] = torch.zeros(args.dim, 2 * args.dim)  # MTP layer = num_hidden_layers
+    (tmp_path / "deq").mkdir()
+    save_file(deq, tmp_path / "deq" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "deq" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "fp8").mkdir()
+    save_file(fp8, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "deq", dtype=torch.float32).eval()
+    ours = load_hf_checkpoint(tmp_path / "fp8", dtype=torch.float32)
+    assert "skipped 1 tensors of layer(s) [3]" in capsys.readouterr().out
+    x = torch.randint(0, args.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max().item() <= 1e-4
+    assert not torch.equal(deq["model.layers.0.mlp.gate_proj.weight"],
+                           load_file(path / "model.safetensors")["model.layers.0.mlp.gate_proj.weight"])
+
+
+def test_dequantize_fp8_blocks_multiply():
+    w = torch.ones(130, 129).to(torch.float8_e4m3fn)
+    s = torch.tensor([[2.0, 3.0], [5.0, 7.0]])
+    d = dequantize_fp8(w, s, dtype=torch.float32)
+    assert d[0, 0] == 2 and d[0, 128] == 3 and d[129, 0] == 5 and d[129, 128] == 7
+    with pytest.raises(ValueError, match=r"weight_scale_inv shape \(1, 1\) does not fit weight \(130, 129\)"):
+        dequantize_fp8(w, torch.ones(1, 1))
+
+
+def test_bf16_load_keeps_gate_bias_fp32(checkpoints):
+    _, path, _ = checkpoints["q_lora+groups+yarn"]
+    m = load_hf_checkpoint(path, dtype=torch.bfloat16)
+    assert m.head.weight.dtype == torch.bfloat16 and m.layers[1].ffn.gate.bias.dtype == torch.float32
+    with torch.no_grad():
+        assert m(torch.tensor([[1, 2, 3]])).dtype == torch.float32
+
+
+def test_generate_matches_cache_free_greedy():
+    torch.manual_seed(0)
+    m = Transformer(SMALL).eval()
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4, 3]]
+    out = generate(m, prompts, max_new_tokens=5)
+    with torch.no_grad():
+        for p, o in zip(prompts, out, strict=True):
+            seq = list(p)
+            for _ in range(5):
+                seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+            assert o == seq[len(p):]
+    eos = out[0][1]
+    cut = generate(m, prompts[:1], max_new_tokens=5, eos_id=eos)
+    assert cut[0] == out[0][:out[0].index(eos) + 1]
+    assert all(layer.attn.cache_shape is None for layer in m.layers)  # cache freed
+
+
+def test_sample_top_p_and_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).log_softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, 1.0, 0.7, generator=g) for _ in range(500)]).flatten()
+    assert set(draws.tolist()) == {0, 1}
+    assert sample(logits.expand(3, -1), 0.0).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="top_p = 0.0 is not allowed"):
+        sample(logits, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("preset, total, active", [("671B", 671.03e9, 37.55e9), ("236B", 235.74e9, None),
+                                                   ("16B", 15.71e9, None)])
+def test_published_sizes_on_meta(preset, total, active):
+    a = ModelArgs.preset(preset)
+    with torch.device("meta"):
+        m = Transformer(a)
+    n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+    assert round(n / 1e9, 2) == pytest.approx(total / 1e9) and n == param_counts(a)["total"]
+    if active:
+        idle = sum(3 * layer.ffn.experts.w1.numel() * (1 - a.n_activated_experts / a.n_routed_experts)
+                   for layer in m.layers if isinstance(layer.ffn, MoE))
+        assert round((n - idle) / 1e9, 2) == pytest.approx(active / 1e9)
+
+
+def test_bad_input(tmp_path, checkpoints):
+    m = Transformer(SMALL).eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="token id 300 is not allowed"):
+            m(torch.tensor([[1, 300]]))
+        with pytest.raises(ValueError, match="start_pos \\+ S <= max_seq_len = 64"):
+            m(torch.zeros(1, 65, dtype=torch.long))
+        with pytest.raises(ValueError, match="tokens must be \\[B, S\\]"):
+            m(torch.zeros(5, dtype=torch.long))
+        m.setup_cache(1, 8)
+        with pytest.raises(ValueError, match="start_pos=8 with S=1 is not allowed"):
+            m(torch.zeros(1, 1, dtype=torch.long), start_pos=8)
+        m.reset_cache()
+        with pytest.raises(ValueError, match="start_pos=3 is not allowed without a KV cache"):
+            m(torch.zeros(1, 1, dtype=torch.long), start_pos=3)
+    with pytest.raises(ValueError, match=r"max_new_tokens \(62\) = 65 is not allowed: at most max_seq_len = 64"):
+        generate(m, [[1, 2, 3]], max_new_tokens=62)
+    _, path, _ = checkpoints["q_lora+groups+yarn"]
+    cfg = json.loads((path / "config.json").read_text())
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type = 'llama'.*only 'deepseek_v3'"):
+        load_hf_checkpoint(tmp_path / "llama")
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        load_hf_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="dtype = torch.float8_e4m3fn is not allowed"):
+        load_hf_checkpoint(path, dtype=torch.float8_e4m3fn)
+    state = load_file(path / "model.safetensors")
+    state.pop("model.layers.1.mlp.experts.5.up_proj.weight")
+    state.pop("lm_head.weight")
+    state["model.layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(7, 7)
+    state["model.layers.0.mlp.fancy_proj.weight"] = torch.zeros(3)
+    (tmp_path / "broken").mkdir()
+    save_file(state, tmp_path / "broken" / "model.safetensors")
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as e:
+        load_hf_checkpoint(tmp_path / "broken", dtype=torch.float32)
+    msg = str(e.value)
+    assert "missing (2): " in msg and "head.weight (300, 48)" in msg
+    assert "layers.1.ffn.experts.w3 (8, 24, 48) (experts [5] missing)" in msg
+    assert "unexpected (1): model.layers.0.mlp.fancy_proj.weight (3,)" in msg
+    assert "wrong shape (1): model.layers.0.self_attn.kv_b_proj.weight (7, 7) -> layers.0.attn.wkv_b.weight" in msg
