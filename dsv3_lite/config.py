@@ -1,13 +1,8 @@
-"""02 · Configuration, token embedding and output head
-
-`ModelArgs`: the DeepSeek-V3 configuration with the official field names of `inference/model.py` (`ModelArgs`,
-lines 20-86 at commit 9b4e978) and its configs `config_16B/236B/671B/v3.1.json`, a laptop preset `tiny`, and the
-conversion to and from a Hugging Face `config.json` (`transformers` `DeepseekV3Config`; both the published
-`rope_scaling` and the transformers-5 `rope_parameters` forms). Token embedding `e_t = E[t]` and the untied output
-head `logits = W_head · h` ([V3] §2, the model's input and output; official `ParallelEmbedding` / `ColumnParallelLinear`
-head; HF `embed_tokens` / `lm_head`). Divergences: the official head computes logits for the last position only,
-HF and ours for every position; the official code switches the gate bias on by `dim == 7168`, ours by the
-`gate_bias` field (HF `topk_method = "noaux_tc"`); see shared/reference/deepseek_v3.md §1, §3.2, §5.
+"""`ModelArgs`: the DeepSeek-V3 configuration with the official field names of `inference/model.py` (`ModelArgs`),
+its named presets ("tiny" for a laptop, "16B", "236B", "671B", "v3.1"), validation with errors that name the field,
+parameter counts, and the conversion to and from a Hugging Face `config.json` (`DeepseekV3Config`; both the
+published `rope_scaling` and the transformers-5 `rope_parameters` forms). The official <-> HF name tables for config
+keys and parameter names live here and nowhere else (shared/reference/deepseek_v3.md §1).
 
 Generated from notebooks/02_embeddings.ipynb.
 """
