@@ -18,6 +18,7 @@ __all__ = ['causal_mask', 'MLA', 'kv_cache_per_token']
 
 # --- notebooks/04_mla.ipynb
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lite.config import ModelArgs
@@ -53,7 +54,14 @@ class MLA(nn.Module):
 
     Call `attn(x, start_pos, freqs_cis, mask)`: x [B, S, D]; freqs_cis complex [S, d_R/2], the rows
     `[start_pos, start_pos + S)` of `precompute_freqs_cis`; mask additive float [S, T] or [B, S, T] (T = start_pos + S
-    with a cache, S without) or None. Without a cache (`setup_cache` not called) start_pos must be 0.
+    with a cache, S without), the string "causal" (= `causal_mask(S, start_pos)`, which lets the fused kernel skip
+    the masked blocks), or None. Without a cache (`setup_cache` not called) start_pos must be 0.
+
+    How the attention itself runs: per-head K and V through `F.scaled_dot_product_attention` (fused, no [B, H, S, T]
+    score tensor in memory) for the naive form and for every step of the absorbed form that starts at position 0
+    (training, prefill: the keys are the step's own tokens, so expanding the latent is cheapest); the absorbed
+    einsums over the latent cache for the later steps (decoding). `prefill_naive = False` forces the absorbed
+    einsums everywhere in the absorbed form (to compare the two).
     """
 
     def __init__(self, args: ModelArgs, attn_impl: str | None = None):
@@ -65,6 +73,7 @@ class MLA(nn.Module):
         self.max_batch_size, self.max_seq_len = args.max_batch_size, args.max_seq_len
         self.softmax_scale = args.softmax_scale  # (d_h + d_R)^-1/2 · m² (YaRN), 0.1352338 for V3
         self.attn_impl = attn_impl or args.attn_impl
+        self.prefill_naive = True  # absorbed form: steps starting at position 0 run the naive, fused computation
         if self.attn_impl not in ("naive", "absorb"):
             raise ValueError(f"MLA: attn_impl={self.attn_impl!r} is not allowed: choose 'naive' or 'absorb'")
         H = self.n_heads
@@ -150,15 +159,33 @@ class MLA(nn.Module):
                 raise RuntimeError("MLA: the KV cache is for inference: run under torch.no_grad() (or "
                                    "torch.inference_mode()), or call reset_cache() to train without one")
             end = start_pos + seqlen
-        if mask is not None and (not mask.is_floating_point() or mask.shape[-2:] != (seqlen, end)
+        if isinstance(mask, str):
+            if mask != "causal":
+                raise ValueError(f"MLA: mask={mask!r} is not allowed: use 'causal', an additive float tensor or None")
+        elif mask is not None and (not mask.is_floating_point() or mask.shape[-2:] != (seqlen, end)
                                  or mask.dim() not in (2, 3)):
             raise ValueError(f"MLA: mask of shape {tuple(mask.shape)} and dtype {mask.dtype} is not allowed: use an "
                              f"additive float mask [S, T] or [B, S, T] with S={seqlen}, T={end} "
                              "(see causal_mask)")
         return end
 
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None,
+              start_pos: int) -> torch.Tensor:
+        """softmax(q kᵀ · scale + mask) v, fused: q [B, S, H, d], k [B, T, H, d], v [B, T, H, d_v] -> [B, S, H, d_v]."""
+        S, T, d_v = q.shape[1], k.shape[1], v.shape[-1]
+        if d_v < q.shape[-1]:  # fused kernels want one head size: pad V with zeros (192 for V3), cut after
+            v = F.pad(v, (0, q.shape[-1] - d_v))
+        causal = isinstance(mask, str) and S > 1 and S == T  # "causal" from position 0: the kernel's own mask
+        if isinstance(mask, str):
+            mask = causal_mask(S, start_pos, q.device, q.dtype) if S > 1 and not causal else None
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(1)  # [B, 1, S, T] broadcast over heads
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=causal, scale=self.softmax_scale)  # [B, H, S, d], float32 softmax
+        return o.transpose(1, 2)[..., :d_v]  # [B, S, H, d_v]
+
     def forward(self, x: torch.Tensor, start_pos: int = 0, freqs_cis: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | str | None = None) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]; see the class docstring for start_pos, freqs_cis and mask."""
         if freqs_cis is None:
             raise ValueError("MLA: freqs_cis=None is not allowed: pass precompute_freqs_cis(args)[start_pos:start_pos+S]")
@@ -173,32 +200,34 @@ class MLA(nn.Module):
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)  # [B, S, c], [B, S, r]
         kv = self.kv_norm(kv)  # [B, S, c], normalised latent
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # [B, S, r], rotated, not normalised
-        if self.attn_impl == "naive":
-            k_nope, v = self.wkv_b(kv).view(bsz, seqlen, H, d_nope + d_v).split([d_nope, d_v], -1)  # eqs. 2, 5
+        if self.attn_impl == "absorb" and self.kv_cache is not None:
+            self.kv_cache[:bsz, start_pos:end] = kv  # the cache keeps only the latent and the RoPE key
+            self.pe_cache[:bsz, start_pos:end] = k_pe
+        if self.attn_impl == "naive" or (start_pos == 0 and self.prefill_naive):
+            # naive form: expand the latent to per-head keys and values (eqs. 2, 4, 5), then fused attention
+            k_nope, v = self.wkv_b(kv).view(bsz, seqlen, H, d_nope + d_v).split([d_nope, d_v], -1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)  # [B, S, H, nope+r]
-            if self.k_cache is not None:
+            if self.k_cache is not None:  # naive cache: per-head K and V
                 self.k_cache[:bsz, start_pos:end] = k
                 self.v_cache[:bsz, start_pos:end] = v
                 k, v = self.k_cache[:bsz, :end], self.v_cache[:bsz, :end]  # [B, T, H, ·]
-            q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, H, nope+r]
-            scores = torch.einsum("bshd,bthd->bsht", q, k) * self.softmax_scale  # [B, S, H, T]
-        else:
-            wkv_b = self.wkv_b.weight.view(H, d_nope + d_v, self.kv_lora_rank)  # [H, nope+v, c]
-            q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :d_nope])  # [B, S, H, c]: W^UK absorbed
-            if self.kv_cache is not None:
-                self.kv_cache[:bsz, start_pos:end] = kv
-                self.pe_cache[:bsz, start_pos:end] = k_pe
-                kv, k_pe = self.kv_cache[:bsz, :end], self.pe_cache[:bsz, :end]  # [B, T, c], [B, T, r]
-            scores = (torch.einsum("bshc,btc->bsht", q_nope, kv)
-                      + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale  # [B, S, H, T]
+            o = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, start_pos)  # [B, S, H, v]
+            return self.wo(o.flatten(2))  # [B, S, D] (eq. 11)
+        # absorbed form: W^UK folded into the query, scores against the cached latent (decoding)
+        wkv_b = self.wkv_b.weight.view(H, d_nope + d_v, self.kv_lora_rank)  # [H, nope+v, c]
+        q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :d_nope])  # [B, S, H, c]: W^UK absorbed
+        if self.kv_cache is not None:
+            kv, k_pe = self.kv_cache[:bsz, :end], self.pe_cache[:bsz, :end]  # [B, T, c], [B, T, r]
+        # scores: [B, S·H, c] @ [B, c, T] (heads folded into rows: one batched GEMM, the latent read once for all)
+        scores = (q_nope.flatten(1, 2) @ kv.mT + q_pe.flatten(1, 2) @ k_pe.mT).view(bsz, seqlen, H, -1)
+        scores = scores * self.softmax_scale  # [B, S, H, T]
+        if isinstance(mask, str):
+            mask = causal_mask(seqlen, start_pos, x.device, scores.dtype) if seqlen > 1 else None
         if mask is not None:
             scores = scores + mask.unsqueeze(-2)  # [S, 1, T] or [B, S, 1, T] broadcast over heads
         p = scores.softmax(dim=-1, dtype=torch.float32).type_as(x)  # [B, S, H, T], softmax in float32
-        if self.attn_impl == "naive":
-            o = torch.einsum("bsht,bthd->bshd", p, v)  # [B, S, H, v]
-        else:
-            o = torch.einsum("bsht,btc->bshc", p, kv)  # [B, S, H, c]: weighted sum of latents
-            o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -d_v:])  # [B, S, H, v]: W^UV applied last
+        o = (p.flatten(1, 2) @ kv).view(bsz, seqlen, H, -1)  # [B, S, H, c]: weighted sum of latents
+        o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -d_v:])  # [B, S, H, v]: W^UV applied last
         return self.wo(o.flatten(2))  # [B, S, D] (eq. 11)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsv3_lite.attention import MLA, causal_mask
+from dsv3_lite.attention import MLA
 from dsv3_lite.config import ModelArgs, official_param_name
 from dsv3_lite.embedding import Embedding, Head
 from dsv3_lite.ffn import MLP
@@ -55,7 +55,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:  # [B, S, D] -> [B, S, D]
+                mask: torch.Tensor | str | None) -> torch.Tensor:  # [B, S, D] -> [B, S, D]
         x = x + self.attn(self.attn_norm(x), start_pos, freqs_cis, mask)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -112,7 +112,7 @@ class Transformer(nn.Module):
                              f"and start_pos + S <= max_seq_len = {self.args.max_seq_len}")
         h = self.embed(tokens)                                              # [B, S, D]
         freqs_cis = self.freqs_cis(h.device)[start_pos:start_pos + seqlen]  # [S, d_R/2]
-        mask = causal_mask(seqlen, start_pos, h.device, h.dtype) if seqlen > 1 else None  # [S, start_pos + S]
+        mask = "causal" if seqlen > 1 else None  # causal_mask(S, start_pos), built (or fused) by each MLA
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
         return self.head(self.norm(h), last_only=last_only)                 # [B, S, V] or [B, V], float32

@@ -106,6 +106,43 @@ def test_naive_equals_absorbed_prefill_and_decode():
         assert torch.allclose(outs[k], outs["naive"], atol=1e-5, rtol=1e-5), k
 
 
+def test_fused_paths_equal_absorbed_einsums():
+    """The fused SDPA path (naive form; absorbed form from position 0) equals the absorbed einsums forced everywhere,
+    with tensor masks, mask='causal', batch masks, and a multi-token chunk after a prefill (start_pos > 0)."""
+    torch.manual_seed(5)
+    a = TINY
+    m = MLA(a, attn_impl="absorb")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3 if p.dim() > 1 else 1.0)
+    x = torch.randn(2, 11, a.dim)
+    f = precompute_freqs_cis(a)[:11]
+    bmask = causal_mask(11).expand(2, 11, 11).clone()
+    bmask[1, :, 0] = float("-inf")  # sequence 1 may not see token 0 (left padding)
+    bmask[1, 0, 0] = 0.0
+    with torch.no_grad():
+        m.prefill_naive = False
+        ref = {k: m(x, 0, f, mk) for k, mk in (("causal", causal_mask(11)), ("batch", bmask), ("none", None))}
+        m.prefill_naive = True
+        fused = {"causal": m(x, 0, f, "causal"), "batch": m(x, 0, f, bmask), "none": m(x, 0, f, None)}
+        m.attn_impl = "naive"
+        fused_naive = m(x, 0, f, "causal")
+        chunks = _decode(m, a, x, [4, 3, 4])  # naive cache, SDPA with [S, start_pos + S] masks
+        m.attn_impl = "absorb"
+        chunks_abs = _decode(m, a, x, [4, 3, 4])  # absorbed: fused prefill, then einsums over the latent cache
+    for k in ref:
+        assert torch.allclose(fused[k], ref[k], atol=1e-5, rtol=1e-5), k
+    for name, y in (("naive causal", fused_naive), ("naive chunks", chunks), ("absorb chunks", chunks_abs)):
+        assert torch.allclose(y, ref["causal"], atol=1e-5, rtol=1e-5), name
+
+
+def test_mask_string_must_be_causal():
+    m = MLA(TINY)
+    x = torch.randn(1, 3, TINY.dim)
+    with pytest.raises(ValueError, match="mask='upper'.*'causal'"):
+        m(x, 0, precompute_freqs_cis(TINY)[:3], "upper")
+
+
 def test_batch_mask_and_no_mask():
     """[B, S, T] masks work; mask=None lets every query see every key (non-causal)."""
     torch.manual_seed(4)
