@@ -1,7 +1,8 @@
 """CPU benchmark of the whole model (notebooks/07_model.ipynb, issue 5 item 6): dsv3_lite vs transformers.
 
 Side by side in one process, same tiny configuration (dim 256, 4 layers of which 1 dense, 16 routed experts top-4 in 4
-groups, 8 heads, q_lora 128, kv_lora 64, vocab 2048), float32, `--threads` (2) threads:
+groups, 8 heads, q_lora 128, kv_lora 64, vocab 2048), float32; `--threads 1,2` runs decoding once per thread count
+(torch.set_num_threads) and training with the largest:
   - training: forward + backward (cross-entropy) on a 16 x 256 batch -> tokens/s
   - greedy decoding: batch 1, 16-token prompt, 64 new tokens with the KV cache -> new tokens/s. transformers runs
     `generate` with an explicit GenerationConfig (do_sample=False, use_cache=True, exactly 64 new tokens, no EOS,
@@ -9,7 +10,8 @@ groups, 8 heads, q_lora 128, kv_lora 64, vocab 2048), float32, `--threads` (2) t
 The machine is shared with other users, so absolute times drift by 2-4x between minutes: after one warm-up, the two
 implementations are timed alternately for `--repeats` rounds, and the speed-up reported is the median of the
 per-round ratios (each round's two runs are seconds apart); tokens/s are the medians over rounds.
-Usage: python benchmarks/model_cpu.py [--repeats 7] [--out benchmarks/results/model_cpu.json]
+No torch.compile on either side (eager against eager).
+Usage: python benchmarks/model_cpu.py [--repeats 7] [--threads 1,2] [--no-train] [--out benchmarks/results/model_cpu.json]
 """
 
 import argparse
@@ -54,10 +56,11 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts for decoding; training uses the max")
+    ap.add_argument("--no-train", action="store_true", help="decoding only")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model_cpu.json")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    threads = [int(t) for t in str(a.threads).split(",")]
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
     hf = DeepseekV3ForCausalLM(DeepseekV3Config(**ARGS.to_hf_config()))
@@ -84,15 +87,20 @@ def main():
         assert out.shape[1] == prompt.shape[1] + a.new_tokens
 
     load_before = os.getloadavg()
-    results, speedups = [], {}
-    tasks = ((f"train fwd+bwd {a.batch}x{a.seq}", a.batch * a.seq, train_hf, train_ours, True),
-             (f"greedy decode batch 1, prompt 16, {a.new_tokens} new", a.new_tokens, decode_hf, decode_ours, False))
-    for task, n_tokens, fn_hf, fn_ours, training in tasks:
+    results, speedups, loads = [], {}, {}
+    tasks = [] if a.no_train else [(f"train fwd+bwd {a.batch}x{a.seq}, {max(threads)} threads", max(threads),
+                                    a.batch * a.seq, train_hf, train_ours, True)]
+    tasks += [(f"greedy decode batch 1, prompt 16, {a.new_tokens} new, {n} thread{'s' * (n > 1)}", n, a.new_tokens,
+               decode_hf, decode_ours, False) for n in threads]
+    for task, n_threads, n_tokens, fn_hf, fn_ours, training in tasks:
+        torch.set_num_threads(n_threads)
         ours.train(training), hf.train(training)
+        loads[task] = [round(os.getloadavg()[0], 2)]
         times = alternate({"transformers": fn_hf, "dsv3_lite": fn_ours}, a.repeats)
+        loads[task].append(round(os.getloadavg()[0], 2))
         for name, ts in times.items():
             med = statistics.median(ts)
-            results.append({"task": task, "impl": name, "median_seconds": round(med, 4),
+            results.append({"task": task, "threads": n_threads, "impl": name, "median_seconds": round(med, 4),
                             "min_seconds": round(min(ts), 4), "tokens_per_s": round(n_tokens / med, 1)})
             print(results[-1], flush=True)
         ratios = [h / o for h, o in zip(times["transformers"], times["dsv3_lite"], strict=True)]
@@ -101,8 +109,9 @@ def main():
         print(task, speedups[task], flush=True)
     out = {"benchmark": "benchmarks/model_cpu.py", "date": datetime.date.today().isoformat(),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-                      f"torch.set_num_threads({a.threads}); shared with other users at the time",
+                      f"torch.set_num_threads({'/'.join(map(str, threads))}); shared with other users at the time",
            "loadavg_before_after": [[round(v, 2) for v in load_before], [round(v, 2) for v in os.getloadavg()]],
+           "loadavg_1min_per_task_before_after": loads,
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
            "config": {k: getattr(ARGS, k) for k in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers",
@@ -111,7 +120,8 @@ def main():
                                                      "n_shared_experts", "q_lora_rank", "kv_lora_rank",
                                                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                                                      "attn_impl")},
-           "notes": "float32; transformers defaults (sdpa attention, experts_implementation grouped_mm, DynamicCache); "
+           "notes": "float32; eager on both sides (no torch.compile); "
+                    "transformers defaults (sdpa attention, experts_implementation grouped_mm, DynamicCache); "
                     f"{a.repeats} alternating rounds after a warm-up; speed-up = median of per-round time ratios "
                     "(the machine was shared: load average above the 2 cores, so absolute times are noisy)",
            "results": results, "speedup_dsv3_lite_over_transformers": speedups}

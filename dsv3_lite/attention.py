@@ -106,7 +106,7 @@ class MLA(nn.Module):
             raise ValueError(f"MLA.setup_cache: seq_len={seq_len} is not allowed: "
                              f"1 <= seq_len <= max_seq_len={self.max_seq_len}")
         self.reset_cache()
-        w = self.wkv_a.weight
+        w = self.kv_norm.weight  # the activations' dtype, also when the projections are stored in FP8 (07)
         kw = dict(device=w.device, dtype=dtype or w.dtype)
         if self.attn_impl == "naive":
             self.k_cache = torch.zeros(batch_size, seq_len, self.n_heads, self.qk_head_dim, **kw)  # [B, T, H, 192]
@@ -195,11 +195,12 @@ class MLA(nn.Module):
         # queries: [q^C ; q^R] per head (eqs. 6-9)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))  # [B, S, H·(nope+r)]
         q_nope, q_pe = q.view(bsz, seqlen, H, self.qk_head_dim).split([d_nope, self.qk_rope_head_dim], -1)
-        q_pe = apply_rotary_emb(q_pe, freqs_cis)  # [B, S, H, r]
         # keys/values: latent c^KV and the shared RoPE key k^R (eqs. 1-3)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)  # [B, S, c], [B, S, r]
         kv = self.kv_norm(kv)  # [B, S, c], normalised latent
-        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # [B, S, r], rotated, not normalised
+        # RoPE on the H query parts and the shared key at once (one call instead of two: fewer small ops)
+        pe = apply_rotary_emb(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), freqs_cis)  # [B, S, H+1, r]
+        q_pe, k_pe = pe[:, :, :H], pe[:, :, H]  # [B, S, H, r]; [B, S, r] rotated, not normalised
         if self.attn_impl == "absorb" and self.kv_cache is not None:
             self.kv_cache[:bsz, start_pos:end] = kv  # the cache keeps only the latent and the RoPE key
             self.pe_cache[:bsz, start_pos:end] = k_pe
@@ -214,21 +215,40 @@ class MLA(nn.Module):
             o = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, start_pos)  # [B, S, H, v]
             return self.wo(o.flatten(2))  # [B, S, D] (eq. 11)
         # absorbed form: W^UK folded into the query, scores against the cached latent (decoding)
-        wkv_b = self.wkv_b.weight.view(H, d_nope + d_v, self.kv_lora_rank)  # [H, nope+v, c]
-        q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :d_nope])  # [B, S, H, c]: W^UK absorbed
+        w_uk, w_uv = self._absorbed_weights(x.dtype)  # [H, nope, c], [H, c, v]
+        c, BS = self.kv_lora_rank, bsz * seqlen
+        # W^UK absorbed: per head [B·S, nope] @ [nope, c] (one batched GEMM over heads)
+        q_nope = torch.bmm(q_nope.reshape(BS, H, d_nope).transpose(0, 1), w_uk)  # [H, B·S, c]
+        q_nope = q_nope.transpose(0, 1).reshape(bsz, seqlen * H, c)  # [B, S·H, c]
         if self.kv_cache is not None:
             kv, k_pe = self.kv_cache[:bsz, :end], self.pe_cache[:bsz, :end]  # [B, T, c], [B, T, r]
-        # scores: [B, S·H, c] @ [B, c, T] (heads folded into rows: one batched GEMM, the latent read once for all)
-        scores = (q_nope.flatten(1, 2) @ kv.mT + q_pe.flatten(1, 2) @ k_pe.mT).view(bsz, seqlen, H, -1)
-        scores = scores * self.softmax_scale  # [B, S, H, T]
+        # scores: [B, S·H, c] @ [B, c, T] (heads folded into rows: one batched GEMM, the latent read once for all),
+        # plus the RoPE part, both times the softmax scale: scale·(q^R k^Rᵀ) + scale·(q^C c^KVᵀ) in one baddbmm
+        scores = torch.baddbmm(torch.bmm(q_pe.reshape(bsz, seqlen * H, -1), k_pe.mT), q_nope, kv.mT,
+                               beta=self.softmax_scale, alpha=self.softmax_scale)  # [B, S·H, T]
         if isinstance(mask, str):
             mask = causal_mask(seqlen, start_pos, x.device, scores.dtype) if seqlen > 1 else None
         if mask is not None:
-            scores = scores + mask.unsqueeze(-2)  # [S, 1, T] or [B, S, 1, T] broadcast over heads
-        p = scores.softmax(dim=-1, dtype=torch.float32).type_as(x)  # [B, S, H, T], softmax in float32
-        o = (p.flatten(1, 2) @ kv).view(bsz, seqlen, H, -1)  # [B, S, H, c]: weighted sum of latents
-        o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -d_v:])  # [B, S, H, v]: W^UV applied last
-        return self.wo(o.flatten(2))  # [B, S, D] (eq. 11)
+            scores = (scores.view(bsz, seqlen, H, -1) + mask.unsqueeze(-2)).flatten(1, 2)  # mask over heads
+        # softmax in float32 (a no-op cast skipped when the model already is float32)
+        p = scores.softmax(-1) if x.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).type_as(x)
+        o = torch.bmm(p, kv).view(BS, H, c).transpose(0, 1)  # [H, B·S, c]: weighted sum of latents
+        o = torch.bmm(o, w_uv).transpose(0, 1)  # [B·S, H, v]: W^UV applied last
+        return self.wo(o.reshape(bsz, seqlen, H * d_v))  # [B, S, D] (eq. 11)
+
+    def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^UK [H, nope, c] and W^UV transposed [H, c, v]: views of `wkv_b.weight` (no copy), or, for an FP8
+        `wkv_b` (07), its dequantised weight, computed once and kept while the FP8 weight is unchanged."""
+        H, d_nope, c = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        if hasattr(self.wkv_b, "dequantize"):  # FP8Linear: dequantise once (official: at every call)
+            key = (self.wkv_b.weight.data_ptr(), self.wkv_b.weight._version, self.wkv_b.scale._version, dtype)
+            if getattr(self, "_wkv_b_key", None) != key:
+                self._wkv_b_deq, self._wkv_b_key = self.wkv_b.dequantize(dtype), key
+            w = self._wkv_b_deq
+        else:
+            w = self.wkv_b.weight
+        w = w.view(H, -1, c)  # [H, nope+v, c]
+        return w[:, :d_nope], w[:, d_nope:].mT
 
 
 # --- notebooks/04_mla.ipynb
