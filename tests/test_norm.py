@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
-from dsv3_lite.norm import RMSNorm, rms_norm, rms_norm_triton
+from dsv3_lite.norm import RMSNorm, rms_norm, rms_norm_ref, rms_norm_triton
 
 SHAPES = [(1, 1), (1, 7), (3, 100), (2, 3, 257), (5, 1536), (2, 7168), (0, 64)]
 
@@ -67,3 +67,16 @@ def test_bad_input_is_named():
         rms_norm_triton(torch.randn(2, 8), torch.ones(8, dtype=torch.float16))
     with pytest.raises(ValueError, match="dim = 0 must be a positive integer"):
         RMSNorm(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 512), (4, 7168)])
+def test_fast_path_is_bit_identical_to_the_formula(shape, dtype):
+    torch.manual_seed(2)
+    x, w = torch.randn(shape).to(dtype), torch.randn(shape[-1]).to(dtype)
+    assert torch.equal(rms_norm(x, w), rms_norm_ref(x, w))
+    xg = x.float().requires_grad_()
+    rms_norm(xg, w.float()).sum().backward()
+    xr = x.float().requires_grad_()
+    rms_norm_ref(xr, w.float()).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-6)
