@@ -1,0 +1,110 @@
+"""The `dsv3-lite` command (dsv3_lite.cli, notebook 10), run as `python -m dsv3_lite.cli` and in-process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dsv3_lite.cli import main
+from dsv3_lite.data import shakespeare
+from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
+from dsv3_lite.train import read_checkpoint
+
+FAST = ["--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--threads", "1", "--quiet"]
+
+
+def cli(*args, timeout=120, env=None):
+    return subprocess.run([sys.executable, "-m", "dsv3_lite.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    text = shakespeare()
+    (d / "a.txt").write_text(text[:150_000], encoding="utf-8")
+    (d / "v.txt").write_text(text[-30_000:], encoding="utf-8")
+    r = cli("prepare", "--input", str(d / "a.txt"), "--val", str(d / "v.txt"), "--tokenizer",
+            str(SHAKESPEARE_TOKENIZER_FILE), "--out", str(d / "data"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "train.bin" in r.stdout and "val.bin" in r.stdout
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    out = data / "run"
+    assert main(["train", "--data", str(data / "data"), "--out", str(out), "--steps", "4", *FAST]) == 0
+    return out
+
+
+def test_help():
+    r = cli("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("prepare", "train", "generate", "demo"))
+
+
+def test_train_resume_and_config_mismatch(data, trained, capsys):
+    meta = read_checkpoint(trained / "checkpoint.safetensors")[1]
+    assert meta["step"] == 4 and meta["config"]["data"] == str(data / "data")
+    assert main(["train", "--out", str(trained), "--resume", "--steps", "6", "--quiet", "--threads", "1"]) == 0
+    assert read_checkpoint(trained / "checkpoint.safetensors")[1]["step"] == 6
+    capsys.readouterr()
+    assert main(["train", "--out", str(trained), "--resume", "--lr", "0.1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv3-lite train: error: resume:") and "lr: checkpoint 0.002, now 0.1" in err
+
+
+def test_generate_plain_speculative_and_too_long_prompt(trained, capsys):
+    ckpt = str(trained / "checkpoint.safetensors")
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "ROMEO:", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("ROMEO:") and "tokens/s" in out.err
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature",
+                 "0", "--speculative"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("ROMEO:") and "drafts accepted" in out.err
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "word " * 600]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv3-lite generate: error:") and "max_seq_len = 512" in err
+    assert main(["generate", "--checkpoint", str(trained / "nope.safetensors"), "--prompt", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_prepare_errors(tmp_path):
+    r = cli("prepare", "--input", str(tmp_path / "missing.txt"), "--tokenizer", str(SHAKESPEARE_TOKENIZER_FILE),
+            "--out", str(tmp_path))
+    assert r.returncode == 2 and "missing.txt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_saves_and_exits_130(data, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "dsv3_lite.cli", "train", "--data", str(data / "data"), "--out",
+                          str(out), "--steps", "100000", "--ckpt-every", "1", *FAST], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while not (out / "checkpoint.safetensors").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert p.poll() is None, p.stderr.read()
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stderr
+    assert "interrupted at step" in stdout and "Traceback" not in stderr
+    step = read_checkpoint(out / "checkpoint.safetensors")[1]["step"]
+    assert f"interrupted at step {step}" in stdout
+
+
+def test_demo_runs(tmp_path):
+    r = cli("demo", "--minutes", "0.15", "--out", str(tmp_path / "demo"), "--seq-len", "32", "--batch-size", "2",
+            "--threads", "1", "--quiet", env={"DSV3_LITE_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "--- sample" in r.stdout and "self-speculative" in r.stdout and "same text: True" in r.stdout
+    meta = read_checkpoint(tmp_path / "demo" / "checkpoint.safetensors")[1]
+    assert meta["step"] >= 5 and json.loads(json.dumps(meta["history"]))["val"]

@@ -1,0 +1,154 @@
+"""Token files (dsv3_lite.data.tokens, notebook 10): streaming, exact ids, parallel workers, bounded memory."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from dsv3_lite.data import prepare, shakespeare
+from dsv3_lite.data.tokens import HEADER_BYTES, TokenFile, eval_windows, sample_windows, shakespeare_tokens, text_chunks
+from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE, BPETokenizer, shakespeare_tokenizer
+
+TOK = str(SHAKESPEARE_TOKENIZER_FILE)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return shakespeare_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text():
+    return shakespeare()[:300_000]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1024, 4093, 50_000])
+def test_chunks_cover_the_file_and_keep_the_ids(tmp_path, tok, text, chunk_bytes):
+    f = tmp_path / "t.txt"
+    f.write_text(text, encoding="utf-8")
+    pieces = list(text_chunks(f, chunk_bytes))
+    assert b"".join(raw for _, raw in pieces) == f.read_bytes()
+    assert [o for o, _ in pieces] == list(np.cumsum([0] + [len(r) for _, r in pieces[:-1]]))
+    assert [i for _, raw in pieces for i in tok.encode(raw.decode())] == tok.encode(text)
+
+
+def test_chunks_without_safe_cut_respect_utf8(tmp_path):
+    f = tmp_path / "u.txt"
+    f.write_bytes(("é€ 1 " * 5000).encode())          # no line starts with a letter, no newline at all
+    pieces = list(text_chunks(f, 1024))
+    assert len(pieces) > 1 and b"".join(r for _, r in pieces) == f.read_bytes()
+    for _, raw in pieces:
+        raw.decode("utf-8")                             # every piece is whole characters
+
+
+def test_prepare_header_ids_and_atomic_output(tmp_path, tok, text):
+    f = tmp_path / "t.txt"
+    f.write_text(text, encoding="utf-8")
+    out = prepare([f], TOK, tmp_path / "out", name="x", workers=1, chunk_bytes=8192, progress=False)
+    tf = TokenFile(out)
+    assert tf.header["dtype"] == "uint16" and tf.header["count"] == len(tf)
+    assert np.array_equal(tf.tokens, tok.encode(text))
+    assert tf.header["inputs"][0]["chars"] == len(text) and tf.header["tokenizer"].endswith("shakespeare_tokenizer.json")
+    assert out.stat().st_size == HEADER_BYTES + 2 * len(tf)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.bin"]   # no temporary files left
+
+
+def test_parallel_equals_sequential_with_separator(tmp_path, tok, text):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(text[:120_000], encoding="utf-8")
+    b.write_text(text[120_000:], encoding="utf-8")
+    par = TokenFile(prepare([a, b], TOK, tmp_path, name="par", workers=2, chunk_bytes=4096, progress=False))
+    seq = TokenFile(prepare([a, b], TOK, tmp_path, name="seq", workers=1, chunk_bytes=4096, progress=False))
+    expected = tok.encode(text[:120_000]) + [1] + tok.encode(text[120_000:])
+    assert np.array_equal(par.tokens, expected) and np.array_equal(seq.tokens, expected)
+    assert [s["tokens"] for s in par.header["inputs"]] == [len(expected) - 1 - len(tok.encode(text[120_000:])),
+                                                           len(tok.encode(text[120_000:]))]
+
+
+def test_uint32_for_large_vocabularies(tmp_path):
+    base = shakespeare_tokenizer()
+    vocab = dict(base.vocab)
+    vocab.update({i: b"\xff\xfe" + i.to_bytes(4, "little") for i in range(len(vocab), 70_000)})  # unreachable tokens
+    big = BPETokenizer(vocab, base.merges, base.special_tokens)
+    f = tmp_path / "t.txt"
+    f.write_text("ROMEO:\nWhat light\n", encoding="utf-8")
+    tf = TokenFile(prepare([f], big, tmp_path, workers=1, progress=False))
+    assert tf.header["dtype"] == "uint32" and tf.tokens.dtype == np.uint32
+    assert tf.tokens.tolist() == base.encode("ROMEO:\nWhat light\n")
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        prepare([tmp_path / "nope.txt"], TOK, tmp_path)
+    with pytest.raises(ValueError, match="inputs=\\[\\]"):
+        prepare([], TOK, tmp_path)
+    f = tmp_path / "t.txt"
+    f.write_text("hello\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        prepare([f], tmp_path / "missing.json", tmp_path)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text\n" * 10 + b"\xff\xfe broken")
+    with pytest.raises(ValueError, match="not UTF-8 text: invalid byte at offset 100"):
+        prepare([bad], TOK, tmp_path / "o", name="bad", progress=False)
+    assert not any((tmp_path / "o").iterdir())                # neither the output nor a temporary file
+    with pytest.raises(ValueError, match="not a dsv3_lite token file"):
+        TokenFile(bad)
+
+
+def test_windows(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x, y = sample_windows(tokens, 5, 17, g1)
+    assert x.shape == y.shape == (5, 17) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1) and torch.equal(sample_windows(tokens, 5, 17, g2)[0], x)
+    ex, ey = eval_windows(tokens, 4, 10)
+    assert ex[0, 0] == 0 and ey[-1, -1] == 999 and torch.equal(eval_windows(tokens, 4, 10)[0], ex)
+    with pytest.raises(ValueError, match="not enough"):
+        sample_windows(tokens[:10], 1, 10, g1)
+
+
+def test_shakespeare_prepared_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV3_LITE_CACHE", str(tmp_path))
+    train, val = shakespeare_tokens()
+    stamp = (tmp_path / "shakespeare" / "train.bin").stat().st_mtime_ns
+    train2, val2 = shakespeare_tokens()
+    assert (tmp_path / "shakespeare" / "train.bin").stat().st_mtime_ns == stamp
+    assert len(train) == len(train2) > 500_000 and len(val) > 50_000 and 2.5 < val.chars_per_token < 3.5
+
+
+BIG = textwrap.dedent("""
+    import json, resource, sys, time
+    from pathlib import Path
+    from dsv3_lite.data import prepare
+    from dsv3_lite.data.tokens import TokenFile
+    from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
+    src, out = Path(sys.argv[1]), Path(sys.argv[2])
+    line = ("ROMEO" + "and" * 330 + "\\n").encode()        # one long word per line: cheap to encode, 1 KB
+    block = line * 1024
+    with open(src, "wb") as f:
+        for _ in range(300):                                 # 300 MB, written without holding it
+            f.write(block)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.time()
+    tf = TokenFile(prepare([src], str(SHAKESPEARE_TOKENIZER_FILE), out, workers=1, progress=False))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"bytes": src.stat().st_size, "count": len(tf), "head": tf.tokens[:8].tolist(),
+                      "tail": tf.tokens[-8:].tolist(), "grew_mb": (peak - before) / 1024, "s": time.time() - t0}))
+""")
+
+
+def test_prepare_large_file_with_flat_memory(tmp_path, tok):
+    """A 300 MB file goes through with the process's peak memory growing by far less than the file size."""
+    r = subprocess.run([sys.executable, "-c", BIG, str(tmp_path / "big.txt"), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    per_line = tok.encode("ROMEO" + "and" * 330 + "\n")
+    assert res["bytes"] == 300 * 1024 * len("ROMEO" + "and" * 330 + "\n")
+    assert res["count"] == 300 * 1024 * len(per_line)
+    assert res["head"] == per_line[:8] and res["tail"] == per_line[-8:]
+    assert res["grew_mb"] < 120, res                           # the file is 300 MB, the ids 2 x 100M bytes
