@@ -28,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+
 from dsv3_lite.attention import MLA, causal_mask  # noqa: E402
 from dsv3_lite.config import ModelArgs  # noqa: E402
 from dsv3_lite.rope import precompute_freqs_cis  # noqa: E402
@@ -35,17 +37,7 @@ from dsv3_lite.rope import precompute_freqs_cis  # noqa: E402
 
 def bench(fn, device: str) -> float:
     """Median milliseconds of fn()."""
-    fn()  # warm-up
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[1]
+    return median_ms(fn, device, rep_ms=200)
 
 
 def cache_mib(m: MLA) -> float:

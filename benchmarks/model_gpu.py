@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+
 import dsv3_lite  # noqa: E402,F401  (before transformers: Triton interpreter switch on CPU)
 from dsv3_lite import ModelArgs, Transformer  # noqa: E402
 from dsv3_lite.config import hf_param_name  # noqa: E402
@@ -69,17 +71,7 @@ def build_models(args: ModelArgs, device: str, dtype: torch.dtype):
 
 def cuda_ms(fn, device: str) -> float:
     """Median milliseconds of fn() (do_bench on CUDA; median of 3 on CPU)."""
-    fn()
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=300, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[1]
+    return median_ms(fn, device, rep_ms=300)
 
 
 def step_ms(step, before, n: int, device: str) -> float:
