@@ -7,7 +7,7 @@ groups, 8 heads, q_lora 128, kv_lora 64, vocab 2048), float32; `--threads 1,2` r
   - greedy decoding: batch 1, 16-token prompt, 64 new tokens with the KV cache -> new tokens/s. transformers runs
     `generate` with an explicit GenerationConfig (do_sample=False, use_cache=True, exactly 64 new tokens, no EOS,
     an attention mask) and its default DynamicCache; ours runs `dsv3_lite.model.generate`.
-The machine is shared with other users, so absolute times drift by 2-4x between minutes: after one warm-up, the two
+On a machine shared with other jobs absolute times drift by 2-4x between minutes: after one warm-up, the two
 implementations are timed alternately for `--repeats` rounds, and the speed-up reported is the median of the
 per-round ratios (each round's two runs are seconds apart); tokens/s are the medians over rounds.
 No torch.compile on either side (eager against eager).
@@ -109,7 +109,9 @@ def main():
         print(task, speedups[task], flush=True)
     out = {"benchmark": "benchmarks/model_cpu.py", "date": datetime.date.today().isoformat(),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-                      f"torch.set_num_threads({'/'.join(map(str, threads))}); shared with other users at the time",
+                      f"torch.set_num_threads({'/'.join(map(str, threads))}); "
+                      + ("other jobs were running (see loadavg)" if max(load_before[0], os.getloadavg()[0]) > 1.5
+                         else "quiet (1-minute load average <= 1.5 before and after)"),
            "loadavg_before_after": [[round(v, 2) for v in load_before], [round(v, 2) for v in os.getloadavg()]],
            "loadavg_1min_per_task_before_after": loads,
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -122,8 +124,8 @@ def main():
                                                      "attn_impl")},
            "notes": "float32; eager on both sides (no torch.compile); "
                     "transformers defaults (sdpa attention, experts_implementation grouped_mm, DynamicCache); "
-                    f"{a.repeats} alternating rounds after a warm-up; speed-up = median of per-round time ratios "
-                    "(the machine was shared: load average above the 2 cores, so absolute times are noisy)",
+                    f"{a.repeats} alternating rounds after a warm-up; speed-up = median of per-round time ratios, "
+                    "robust to other jobs on the machine; absolute tokens/s are not",
            "results": results, "speedup_dsv3_lite_over_transformers": speedups}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
