@@ -133,7 +133,6 @@ def decoding(model, n_tokens: int) -> dict:
 def step_costs(model, start_pos: int, repeats: int = 30) -> dict:
     """Best-of-`repeats` milliseconds of the pieces of a decoding step, alternated: main forward of 1 and of 2
     tokens with the KV cache, and one MTP draft step (1 pair)."""
-    from dsv3_lite.mtp import forward_hidden
     from dsv3_lite.speculative import mtp_draft_step
 
     model.setup_cache(1, start_pos + 4)
@@ -141,7 +140,7 @@ def step_costs(model, start_pos: int, repeats: int = 30) -> dict:
     attn.setup_cache(1, start_pos + 4)
     h = torch.zeros(1, 1, model.args.dim)
     fns = {"main_1_token_ms": lambda: model(torch.tensor([[5]]), start_pos, last_only=True),
-           "main_2_tokens_ms": lambda: model.head(forward_hidden(model, torch.tensor([[5, 6]]), start_pos)),
+           "main_2_tokens_ms": lambda: model.head(model.hidden(torch.tensor([[5, 6]]), start_pos)),
            "mtp_step_ms": lambda: model.head(mtp_draft_step(model, h, torch.tensor([[7]]), start_pos)[:, -1])}
     best = dict.fromkeys(fns, float("inf"))
     try:

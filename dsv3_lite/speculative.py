@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from dsv3_lite.model import Transformer
-from dsv3_lite.mtp import forward_hidden
 
 
 def mtp_draft_step(model: Transformer, h: torch.Tensor, next_tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -109,7 +108,7 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     mtp_attn.setup_cache(1, cache_len)
     try:
         toks = torch.tensor([prompt], dtype=torch.long, device=device)                  # [1, n]
-        h = forward_hidden(model, toks, 0)                                               # [1, n, D]
+        h = model.hidden(toks, 0)                                                        # [1, n, D]
         stats.forwards += 1
         x = pick(model.head(h[:, -1])[0])                                                # token at position n
         out, pos = [x], n                                                                # pos: position of x
@@ -117,7 +116,7 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
         q = model.head(mtp_draft_step(model, h, nxt, 0)[:, -1])[0]                      # [V]: MTP at position n+1
         while len(out) < max_new_tokens and (eos_id is None or out[-1] != eos_id):
             d = pick(q)
-            h2 = forward_hidden(model, toks.new_tensor([[x, d]]), pos)                  # [1, 2, D]
+            h2 = model.hidden(toks.new_tensor([[x, d]]), pos)                           # [1, 2, D]
             logits = model.head(h2)[0]                                                   # [2, V]
             stats.forwards += 1
             stats.drafted += 1

@@ -39,7 +39,7 @@ from dsv3_lite.config import ModelArgs
 from dsv3_lite.data.tokens import eval_windows, load_splits, sample_windows
 from dsv3_lite.model import Transformer
 from dsv3_lite.moe import Gate, expert_load, sequence_balance_loss, update_bias
-from dsv3_lite.mtp import add_mtp, forward_hidden, mtp_logits, mtp_loss
+from dsv3_lite.mtp import add_mtp, mtp_logits, mtp_loss
 
 
 @dataclasses.dataclass
@@ -140,7 +140,7 @@ def compute_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, cfg: Trai
 
     x, y [B, S]; returns {"loss", "main", "mtp", "balance"} (scalars; "loss" is the sum that is back-propagated).
     """
-    h = forward_hidden(model, x)                                           # [B, S, D] final-normed
+    h = model.hidden(x)                                                    # [B, S, D] final-normed
     main = F.cross_entropy(model.head(h).flatten(0, 1), y.flatten())      # [B·S, V] -> mean nats/token
     mtp = mtp_loss(mtp_logits(model, h, y), y, cfg.mtp_lambda) if hasattr(model, "mtp") and cfg.mtp_lambda \
         else main.new_zeros(())

@@ -9,7 +9,7 @@ import torch
 
 from dsv3_lite import ModelArgs, Transformer, load_hf_checkpoint
 from dsv3_lite.config import param_counts
-from dsv3_lite.model import dequantize_fp8, generate, sample
+from dsv3_lite.model import checkpoint_files, dequantize_fp8, generate, sample
 from dsv3_lite.moe import MoE
 
 transformers = pytest.importorskip("transformers")
@@ -68,6 +68,38 @@ def test_logits_equal_transformers(checkpoints, name):
         steps = [ours(x[:, :11], 0), ours(x[:, 11:14], 11)] + [ours(x[:, p:p + 1], p) for p in range(14, 29)]
         ours.reset_cache()
     assert (torch.cat(steps, 1) - ref).abs().max().item() <= 1e-4
+
+
+def test_hidden_is_the_forward_without_head():
+    torch.manual_seed(0)
+    model = Transformer(SMALL).eval()
+    with torch.no_grad():
+        for S in (1, 7, 33):
+            x = torch.randint(0, SMALL.vocab_size, (3, S))
+            h = model.hidden(x)
+            assert h.shape == (3, S, SMALL.dim)
+            assert torch.equal(model.head(h), model(x))
+            assert torch.equal(model.head(h, last_only=True), model(x, last_only=True))
+        x = torch.randint(0, SMALL.vocab_size, (2, 12))
+        model.setup_cache(2, 12)
+        steps = torch.cat([model.hidden(x[:, :5], 0), model.hidden(x[:, 5:6], 5), model.hidden(x[:, 6:], 6)], 1)
+        model.reset_cache()
+        assert (steps - model.hidden(x)).abs().max().item() < 1e-4
+        with pytest.raises(ValueError, match="tokens must be \\[B, S\\]"):
+            model.hidden(torch.zeros(5, dtype=torch.long))
+        with pytest.raises(ValueError, match="start_pos = -1 with S = 1 is not allowed"):
+            model.hidden(torch.zeros(1, 1, dtype=torch.long), start_pos=-1)
+
+
+def test_checkpoint_files(checkpoints, tmp_path):
+    for name in ("q_lora+groups+yarn", "no_q_lora+1group+2shared"):   # one file without index; shards + index
+        _, path, _ = checkpoints[name]
+        files = checkpoint_files(str(path))
+        expected = {k: f for f in path.glob("*.safetensors") for k in load_file(f)}   # where each tensor really is
+        assert files == expected and "lm_head.weight" in files
+    with pytest.raises(FileNotFoundError, match="checkpoint_files: no model.safetensors.index.json or "
+                                                "\\*.safetensors in"):
+        checkpoint_files(tmp_path)
 
 
 def test_sharded_checkpoint_really_sharded(checkpoints):

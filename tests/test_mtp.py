@@ -10,21 +10,12 @@ from safetensors.torch import save_file
 import dsv3_lite  # noqa: F401  (before transformers: Triton's CPU switch)
 from dsv3_lite.config import ModelArgs, param_counts
 from dsv3_lite.model import Transformer, generate, load_hf_checkpoint
-from dsv3_lite.mtp import add_mtp, forward_hidden, load_mtp, mtp_logits, mtp_loss
+from dsv3_lite.mtp import add_mtp, load_mtp, mtp_logits, mtp_loss
 from dsv3_lite.speculative import speculative_generate, verify_draft
 
 SMALL = ModelArgs.preset("tiny").replace(vocab_size=512, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=2,
                                          kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                                          max_seq_len=64, original_seq_len=16, max_batch_size=4)
-
-
-def test_forward_hidden_is_the_forward_without_head():
-    torch.manual_seed(0)
-    model = Transformer(SMALL).eval()
-    for S in (1, 7, 33):
-        x = torch.randint(0, SMALL.vocab_size, (3, S))
-        with torch.no_grad():
-            assert torch.equal(model.head(forward_hidden(model, x)), model(x))
 
 
 def test_mtp_shapes_alignment_and_loss_depth_2():
@@ -33,7 +24,7 @@ def test_mtp_shapes_alignment_and_loss_depth_2():
     model = add_mtp(Transformer(args))
     B, T = 2, 11
     x, y = torch.randint(0, 512, (B, T)), torch.randint(0, 512, (B, T))
-    logits = mtp_logits(model, forward_hidden(model, x), y)
+    logits = mtp_logits(model, model.hidden(x), y)
     assert [tuple(lg.shape) for lg in logits] == [(B, T - 1, 512), (B, T - 2, 512)]
     lam = 0.3
     manual = sum(F.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten(), reduction="sum") / (B * T)
@@ -42,7 +33,7 @@ def test_mtp_shapes_alignment_and_loss_depth_2():
     # depth 1 at position i must not see targets beyond y[i] (causality): change y[:, 5:] and positions < 5 stay
     y2 = y.clone()
     y2[:, 5:] = (y2[:, 5:] + 1) % 512
-    again = mtp_logits(model, forward_hidden(model, x), y2)
+    again = mtp_logits(model, model.hidden(x), y2)
     assert torch.allclose(again[0][:, :5], logits[0][:, :5], atol=1e-5)
     assert not torch.allclose(again[0][:, 5:], logits[0][:, 5:])
 
@@ -54,7 +45,7 @@ def test_mtp_parameter_count_and_shared_gradients():
     names = {k for k, _ in model.named_parameters()}
     assert not any(k.startswith("mtp.") and ("embed" in k or "head" in k) for k in names)  # shared, not copied
     x = torch.randint(0, 512, (2, 9))
-    mtp_loss(mtp_logits(model, forward_hidden(model, x).detach(), x), x).backward()
+    mtp_loss(mtp_logits(model, model.hidden(x).detach(), x), x).backward()
     assert model.head.weight.grad.abs().sum() > 0 and model.embed.weight.grad.abs().sum() > 0
 
 
@@ -105,7 +96,7 @@ def test_load_mtp_equals_transformers(tmp_path, capsys):
         h = hf.model(x).last_hidden_state
         pos = torch.arange(1, 13).expand(2, -1)
         ref = hf_mtp._project_to_logits(hf_mtp.forward_layer(0, h[:, :12], pos, None, input_ids=x[:, 1:]))
-        got = mtp_logits(ours, forward_hidden(ours, x), torch.cat([x[:, 1:], x[:, :1]], 1))[0]
+        got = mtp_logits(ours, ours.hidden(x), torch.cat([x[:, 1:], x[:, :1]], 1))[0]
     assert (got - ref).abs().max().item() < 1e-4
     assert ours.mtp.layers[0].block.ffn.gate.bias.dtype == torch.float32
 
