@@ -13,6 +13,10 @@ from dsv3_lite.kernels import fp8 as F
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (compiled on a GPU or the interpreter on a CPU)")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# float32-output GEMM vs float64: summation order only in the interpreter; compiled on Hopper the FP8 tensor cores add
+# the 128 products of one K step with fewer mantissa bits (measured 1.27e-4 for our kernel and cuBLAS alike on an H200:
+# benchmarks/results/fp8_gemm_round3_h200.json), then the kernel promotes to float32
+TOL32 = 1e-6 if DEV == "cpu" else 5e-4
 
 
 def same_bits(a, b):
@@ -99,7 +103,7 @@ def test_fp8_gemm_irregular_shapes(M, N, K):
     ref64 = dequant_a(a, a_s) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T
     c32 = F.fp8_gemm(a, a_s, b, b_s, out_dtype=torch.float32)
     assert c32.shape == (M, N) and c32.dtype == torch.float32
-    assert rel(c32, ref64) < 1e-6                           # only float32 summation order differs
+    assert rel(c32, ref64) < TOL32                          # only the accumulation differs
     assert rel(F.fp8_gemm_ref(a, a_s, b, b_s, torch.float32), ref64) < 1e-6
     c16 = F.fp8_gemm(a, a_s, b, b_s)
     assert c16.dtype == torch.bfloat16 and rel(c16, ref64) < 8e-3
@@ -111,7 +115,7 @@ def test_fp8_gemm_leading_dims_and_empty():
     (a, a_s), (b, b_s) = F.act_quant(x), F.weight_quant(w)
     c = F.fp8_gemm(a, a_s, b, b_s, out_dtype=torch.float32)
     assert c.shape == (2, 3, 128)
-    assert rel(c, dequant_a(a, a_s) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T) < 1e-6
+    assert rel(c, dequant_a(a, a_s) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T) < TOL32
     e, e_s = F.act_quant(torch.randn(0, 256, device=DEV))
     assert F.fp8_gemm(e, e_s, b, b_s).shape == (0, 128)
 
@@ -129,7 +133,7 @@ def test_gemm_kernel_variants(cfg):
     a, a_s = F.act_quant(torch.randn(70, 384, device=DEV))
     b, b_s = F.weight_quant(torch.randn(320, 384, device=DEV))
     ref = dequant_a(a, a_s) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T
-    assert rel(F._launch_gemm(a, a_s, b, b_s, torch.float32, cfg), ref) < 1e-6
+    assert rel(F._launch_gemm(a, a_s, b, b_s, torch.float32, cfg), ref) < TOL32
 
 
 @pytest.mark.parametrize("fmt", [None, "ue8m0"])
@@ -152,7 +156,7 @@ def test_fp8linear_layer():
     assert rel(y, y_lin.double()) < 0.06
     # the PyTorch reference path (used without a GPU) and the kernels agree up to summation order
     ref = F.fp8_gemm_ref(*F.act_quant_ref(x), layer.weight, layer.scale, torch.float32) + layer.bias
-    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert rel(y, ref.double()) < TOL32
     # from_fp8 wraps checkpoint tensors without copying them through bf16
     again = F.FP8Linear.from_fp8(layer.weight, layer.scale)
     assert again.weight is layer.weight and set(again.state_dict()) == {"weight", "scale"}
@@ -173,6 +177,24 @@ def _bad(call, *needles):
 
 
 def test_bad_input_is_refused():
+    torch.set_default_device(DEV)   # every tensor below on the kernels' device (CPU tensors: see the next test)
+    try:
+        _bad_inputs()
+    finally:
+        torch.set_default_device(None)
+
+
+def test_cpu_tensors_on_a_gpu_machine_are_refused():
+    """Compiled kernels cannot read host memory: a clear error instead of Triton's 'Pointer argument' message."""
+    if DEV == "cpu":
+        pytest.skip("on a machine without a GPU the kernels run CPU tensors through the interpreter")
+    _bad(lambda: F.act_quant(torch.randn(4, 256)), "act_quant", "x.device", "cpu", "CUDA tensor")
+    a, a_s = F.act_quant(torch.randn(4, 256, device=DEV))
+    b, b_s = F.weight_quant(torch.randn(128, 256, device=DEV))
+    _bad(lambda: F.fp8_gemm(a.cpu(), a_s.cpu(), b.cpu(), b_s.cpu()), "fp8_gemm", "a.device", "CUDA tensor")
+
+
+def _bad_inputs():
     a, a_s = F.act_quant(torch.randn(4, 256))
     b, b_s = F.weight_quant(torch.randn(128, 256))
     _bad(lambda: F.act_quant(torch.randn(4, 200)), "act_quant", "200", "multiple of 128")

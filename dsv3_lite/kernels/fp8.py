@@ -176,6 +176,10 @@ def _check_tensor(fn, name, t, dtypes=None, ndim=None):
         _fail(fn, f"{name}.dim()", t.dim(), f"expected {ndim} dimensions (shape {tuple(t.shape)})")
     if not t.is_contiguous():
         _fail(fn, f"{name}.stride()", t.stride(), f"{name} must be contiguous (call .contiguous() first)")
+    if HAS_TRITON and not INTERPRET and not t.is_cuda:   # kernels compiled for the GPU cannot read host memory
+        _fail(fn, f"{name}.device", t.device, "must be a CUDA tensor: on this machine Triton compiles the kernels "
+              "for the GPU (they run on CPU tensors only through the interpreter, on a machine without a GPU); the "
+              "PyTorch references (`act_quant_ref`, `fp8_gemm_ref`, ...) take CPU tensors")
 
 
 def _check_block(fn, block_size):
