@@ -1,0 +1,203 @@
+"""Round 4 of the FP8 GEMM exploration: a Gluon kernel that overlaps the float32 promotion with the next product.
+
+In Triton's `tl` language the kernel must wait for each K step's tensor-core product before it scales and adds it to
+the float32 accumulator, so the tensor cores idle while the CUDA cores promote (benchmarks/fp8_gemm_notes.md). Gluon,
+Triton's lower-level dialect, exposes the asynchronous `wgmma` directly: issue step k+1's product, then wait until at
+most one product is in flight (`warpgroup_mma_wait(num_outstanding=1)`), and promote step k while step k+1 runs.
+TMA loads run up to STAGES steps ahead through a ring of shared-memory buffers with one mbarrier each.
+
+Same mathematics and numerics as the course kernel (promotion after every 128-wide K step). Needs an sm_90 GPU.
+Usage: python benchmarks/fp8_gemm_gluon.py [--m 4096] [--out benchmarks/results/fp8_gemm_gluon_h200.json]
+"""
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dsv3_lite.kernels import fp8 as F8  # noqa: E402
+
+SHAPES = {"wq_a": (1536, 7168), "wq_b": (24576, 1536), "wkv_b": (32768, 512), "wo": (7168, 16384),
+          "dense_w13": (18432, 7168), "dense_w2": (7168, 18432), "expert_w1": (2048, 7168),
+          "expert_w2": (7168, 2048), "head": (129280, 7168)}
+
+
+def build():
+    """Define the Gluon kernel (import inside: Gluon needs a GPU build of Triton)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+    @gluon.jit
+    def kernel(a_desc, b_desc, A_s, B_s, C, M, N, K,
+               GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]      # 128: one scale group per K step
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]      # 128: one weight-scale block per tile
+        pid = gl.program_id(0)                                  # grouped tile order (as the course kernel)
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_pid_n
+        first_m = (pid // group) * GROUP_M
+        size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        nkb = K // BLOCK_K
+
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        for i in gl.static_range(STAGES):                      # prologue: the first STAGES K steps in flight
+            pred = i < nkb
+            mbarrier.expect(bars.index(i), nbytes, pred=pred)
+            tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], bars.index(i), a_smem.index(i), pred=pred)
+            tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], bars.index(i), b_smem.index(i), pred=pred)
+
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+        rm = gl.where(rows < M, rows, 0)
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+        zero = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+
+        mbarrier.wait(bars.index(0), phase=0)
+        prev = warpgroup_mma(a_smem.index(0), b_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_prev = gl.load(A_s + rm * nkb) * gl.load(B_s + pid_n * nkb)           # [BLOCK_M] scales of step 0
+        for kb in range(1, nkb):
+            s = kb % STAGES
+            mbarrier.wait(bars.index(s), phase=(kb // STAGES) & 1)
+            cur = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                                is_async=True)                                     # step kb on the tensor cores
+            s_cur = gl.load(A_s + rm * nkb + kb) * gl.load(B_s + pid_n * nkb + kb)
+            done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))            # step kb-1 finished
+            nxt = kb - 1 + STAGES                                                  # its buffers are free: refill
+            ns = nxt % STAGES
+            pred = nxt < nkb
+            mbarrier.expect(bars.index(ns), nbytes, pred=pred)
+            tma.async_copy_global_to_shared(a_desc, [off_m, nxt * BLOCK_K], bars.index(ns), a_smem.index(ns),
+                                            pred=pred)
+            tma.async_copy_global_to_shared(b_desc, [off_n, nxt * BLOCK_K], bars.index(ns), b_smem.index(ns),
+                                            pred=pred)
+            acc = acc + done * s_prev[:, None]                                     # promote step kb-1 meanwhile
+            s_prev = s_cur
+            prev = cur
+        done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+        acc = acc + done * s_prev[:, None]
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        gl.store(C + rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
+
+    def launch(a, a_s, b, b_s, out_dtype=torch.bfloat16, BLOCK_M=128, STAGES=4, num_warps=8, GROUP_M=8):
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        M, K = a.shape
+        N = b.shape[0]
+        c = a.new_empty(M, N, dtype=out_dtype)
+        a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, 128], gl.NVMMASharedLayout.get_default_for(
+            [BLOCK_M, 128], gl.float8e4nv))
+        b_desc = TensorDescriptor.from_tensor(b, [128, 128], gl.NVMMASharedLayout.get_default_for(
+            [128, 128], gl.float8e4nv))
+        grid = (triton_cdiv(M, BLOCK_M) * triton_cdiv(N, 128),)
+        k = kernel[grid](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES, num_warps=num_warps)
+        return c, getattr(k, "n_regs", None), getattr(k, "n_spills", None)
+
+    return launch
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def rel(x, ref):
+    return float((x.double() - ref).norm() / ref.norm())
+
+
+CONFIGS = {"gluon_128x128_w8_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4),
+           "gluon_128x128_w8_s3": dict(BLOCK_M=128, num_warps=8, STAGES=3),
+           "gluon_64x128_w4_s4": dict(BLOCK_M=64, num_warps=4, STAGES=4)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", default="4096")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fp8_gemm_gluon_h200.json")
+    args = ap.parse_args()
+    import triton
+    from triton.testing import do_bench
+    launch = build()
+    torch.manual_seed(0)
+    rec = {"benchmark": "benchmarks/fp8_gemm_gluon.py (see its docstring)",
+           "method": "median of triton.testing.do_bench (L2 flushed), bf16 output timed; err_fp32: float32 output vs "
+                     "float64 product of the dequantised operands on 256 rows",
+           "machine": {"gpu": torch.cuda.get_device_name(), "sms": torch.cuda.get_device_properties(0).multi_processor_count},
+           "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                        "python": platform.python_version()},
+           "date": datetime.date.today().isoformat(), "configs": CONFIGS, "rows": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for M in map(int, args.m.split(",")):
+        for layer in args.shapes.split(","):
+            N, K = SHAPES[layer]
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            aq, a_s = F8.act_quant(x)
+            bq, b_s = F8.weight_quant(w)
+            rows = torch.cat([torch.arange(min(128, M), device="cuda"), torch.arange(max(M - 128, 0), M, device="cuda")])
+            ref = (aq[rows].double() * a_s[rows].double().repeat_interleave(128, -1)) @ \
+                F8.weight_dequant(bq, b_s, dtype=torch.float32).double().T
+            row = {"M": M, "layer": layer, "N": N, "K": K}
+            flops = 2.0 * M * N * K
+
+            def timed(name, fn, fn32):
+                try:
+                    res = {"err_fp32": float(f"{rel(fn32()[rows], ref):.3e}")}
+                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    res.update(us=round(ms * 1e3, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 1))
+                except Exception as err:  # keep going: one failing variant must not lose the run
+                    res = {"error": f"{type(err).__name__}: {str(err)[:1500]}"}
+                row[name] = res
+
+            timed("cublas_bw", lambda: F8_cublas(aq, a_s, bq, b_s, torch.bfloat16),
+                  lambda: F8_cublas(aq, a_s, bq, b_s, torch.float32))
+            timed("fp8_gemm", lambda: F8.fp8_gemm(aq, a_s, bq, b_s), lambda: F8.fp8_gemm(aq, a_s, bq, b_s, torch.float32))
+            for name, cfg in CONFIGS.items():
+                timed(name, lambda cfg=cfg: launch(aq, a_s, bq, b_s, torch.bfloat16, **cfg)[0],
+                      lambda cfg=cfg: launch(aq, a_s, bq, b_s, torch.float32, **cfg)[0])
+                if "error" not in row[name]:
+                    _, regs, spills = launch(aq, a_s, bq, b_s, torch.bfloat16, **cfg)
+                    row[name].update(n_regs=regs, n_spills=spills)
+            rec["rows"].append(row)
+            print("ROW", M, layer, json.dumps({k: (v.get("tflops"), v.get("err_fp32"), v.get("n_regs"), v.get("n_spills"))
+                                               if "error" not in v else v["error"][:600]
+                                               for k, v in row.items() if isinstance(v, dict)}), flush=True)
+            args.out.write_text(json.dumps(rec, indent=1) + "\n")
+            torch.cuda.empty_cache()
+    for M in sorted({r["M"] for r in rec["rows"]}):
+        rs = [r for r in rec["rows"] if r["M"] == M]
+        g = {n: round(math.exp(sum(math.log(r[n]["tflops"]) for r in rs) / len(rs)), 1)
+             for n in ["cublas_bw", "fp8_gemm", *CONFIGS] if all("tflops" in r[n] for r in rs)}
+        rec.setdefault("geomean_tflops", {})[str(M)] = g
+        print("GEOMEAN", M, json.dumps(g))
+    args.out.write_text(json.dumps(rec, indent=1) + "\n")
+
+
+def F8_cublas(aq, a_s, bq, b_s, out_dtype):
+    from torch.nn.functional import ScalingType, scaled_mm
+    return scaled_mm(aq, bq.t(), a_s.t().contiguous().t(), ScalingType.BlockWise1x128,
+                     b_s.t(), ScalingType.BlockWise128x128, output_dtype=out_dtype)
+
+
+if __name__ == "__main__":
+    main()
