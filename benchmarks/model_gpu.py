@@ -9,7 +9,12 @@ for the logits of the last position only (`last_only=True`; transformers: `logit
     `triton.testing.do_bench`, reference/gpu_anchors.md §11);
   - decode: batch 1, one new token on a cache holding `--context` (4096) tokens -> ms per step (median over
     `--steps` steps timed with CUDA events; transformers' DynamicCache is cropped back to the context between steps,
-    outside the timed region, so every step sees the same context).
+    outside the timed region, so every step sees the same context). Ours twice: eager, and the same step captured
+    once in a CUDA graph and replayed (`dsv3_lite.model.DecodeGraph`; the timed call copies the token and the position
+    into the graph's buffers and replays); its logits are checked against the eager step's first;
+  - generate: greedy `generate` of `--gen-tokens` (128) new tokens after a `--context`-token prompt, eager (twice:
+    the second run shows whether eager decoding repeats itself bit for bit) and with `cuda_graph=True`; wall time
+    including the prefill and, for the graph, its warm-up and capture; whether the tokens are the same.
 
 Usage:  python benchmarks/model_gpu.py [--out benchmarks/results/model_h200.json]
         python benchmarks/model_gpu.py --small --out /tmp/model_gpu_cpu.json   # tiny config on CPU: checks the script
@@ -36,6 +41,7 @@ from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 import dsv3_lite  # noqa: E402,F401  (before transformers: Triton interpreter switch on CPU)
 from dsv3_lite import ModelArgs, Transformer  # noqa: E402
 from dsv3_lite.config import hf_param_name  # noqa: E402
+from dsv3_lite.model import DecodeGraph, generate  # noqa: E402
 
 
 def build_models(args: ModelArgs, device: str, dtype: torch.dtype):
@@ -94,6 +100,55 @@ def step_ms(step, before, n: int, device: str) -> float:
     return statistics.median(times)
 
 
+def greedy_diagnosis(model: Transformer, prompt: torch.Tensor, n: int, device: str) -> dict:
+    """Greedy decoding of `n` tokens after `prompt` [1, P] on a cache of P + n rows, three ways: int positions (what
+    `generate` does eagerly), tensor positions without a graph (what the graph runs: attention over the whole cache,
+    later rows masked), and the CUDA graph. Reports where the tokens first differ from the int path, the relative
+    difference of the logits at the last step with identical inputs, and the top-1/top-2 logit gap where they part."""
+    P = prompt.shape[1]
+    modes = ["int", "tensor"] + (["graph"] if device == "cuda" else [])
+    runs = {}
+    for mode in modes:
+        model.setup_cache(1, P + n)
+        logits = model(prompt, 0, last_only=True)                                # [1, V]
+        pos, graph, toks, steps = torch.zeros((), dtype=torch.long, device=prompt.device), None, [], []
+        for i in range(n):
+            steps.append(logits.clone())
+            nxt = logits.argmax(-1, keepdim=True)                                 # [1, 1]
+            toks.append(int(nxt))
+            if mode == "int":
+                logits = model(nxt, P + i, last_only=True)
+            elif mode == "tensor":
+                pos.fill_(P + i)
+                logits = model(nxt, pos, last_only=True)
+            else:
+                graph = graph or DecodeGraph(model, nxt, P + i)
+                logits = graph(nxt, P + i)
+        del graph
+        model.reset_cache()
+        runs[mode] = (toks, steps)
+    out = {}
+    for mode in modes[1:]:
+        toks, steps = runs[mode]
+        ref_toks, ref_steps = runs["int"]
+        diff = next((i for i, (x, y) in enumerate(zip(toks, ref_toks, strict=True)) if x != y), None)
+        last_same = n - 1 if diff is None else diff                                # last step fed identical tokens
+        rel = ((steps[last_same] - ref_steps[last_same]).norm() / ref_steps[last_same].norm()).item()
+        entry = {"same_tokens_as_int_positions": diff is None, "first_difference_at": diff,
+                 f"relative_logit_difference_at_step_{last_same}": float(f"{rel:.3g}"),
+                 "bitwise_equal_logits_up_to_there": all(torch.equal(x, y) for x, y in
+                                                         zip(steps[:last_same + 1], ref_steps, strict=False))}
+        if diff is not None:
+            top2 = ref_steps[diff].topk(2, dim=-1).values[0]
+            entry["int_path_top2_logits_at_difference"] = [round(v, 5) for v in top2.tolist()]
+        out[f"{mode} vs int positions"] = entry
+    if "graph" in runs:
+        out["graph vs tensor positions without a graph: same tokens"] = runs["graph"][0] == runs["tensor"][0]
+        out["graph vs tensor positions without a graph: bitwise equal logits"] = all(
+            torch.equal(x, y) for x, y in zip(runs["graph"][1], runs["tensor"][1], strict=True))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/model_h200.json")
@@ -101,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill-len", type=int, default=4096)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--gen-tokens", type=int, default=128)
     a = ap.parse_args(argv)
     import transformers
 
@@ -109,13 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if a.small:
-        a.prefill_len, a.context, a.steps = 64, 64, 5
+        a.prefill_len, a.context, a.steps, a.gen_tokens = 64, 64, 5, 8
         args = ModelArgs.preset("tiny")
     else:
         args = ModelArgs.preset("671B")
     seq = max(a.prefill_len, a.context + 1)
-    args = args.replace(n_layers=2, n_dense_layers=1, max_batch_size=1, max_seq_len=max(seq, args.original_seq_len),
-                        dtype="bf16")
+    args = args.replace(n_layers=2, n_dense_layers=1, max_batch_size=1,
+                        max_seq_len=max(seq, a.context + a.gen_tokens, args.original_seq_len), dtype="bf16")
     torch.manual_seed(0)
     ours, hf = build_models(args, device, dtype)
     n_params = sum(p.numel() for p in ours.parameters())
@@ -154,6 +210,18 @@ def main(argv: list[str] | None = None) -> None:
         tok = torch.randint(0, args.vocab_size, (1, 1), device=device)
         ours(ctx, 0, last_only=True)  # fills positions [0, context)
         ms_ours = step_ms(lambda: ours(tok, a.context, last_only=True), lambda: None, a.steps, device)
+        ms_graph, graph_check = None, {}
+        if device == "cuda":  # the same step as a CUDA graph (attends over the whole cache of seq = context + 1 rows)
+            eager_logits = ours(tok, a.context, last_only=True).float()
+            graph = DecodeGraph(ours, tok, a.context)
+            graph_logits = graph(tok, a.context).float()
+            graph_check = {"relative_l2_error_vs_eager_step": round(
+                ((graph_logits - eager_logits).norm() / eager_logits.norm()).item(), 6),
+                "bitwise_equal": bool(torch.equal(graph_logits, eager_logits)),
+                "same_argmax": bool((graph_logits.argmax(-1) == eager_logits.argmax(-1)).all())}
+            print("CUDA graph step vs eager step:", graph_check, flush=True)
+            ms_graph = step_ms(lambda: graph(tok, a.context), lambda: None, a.steps, device)
+            del graph
         ours.reset_cache()
         cache = hf(input_ids=ctx, use_cache=True, logits_to_keep=1).past_key_values
         pos = torch.tensor([a.context], device=device)
@@ -171,16 +239,45 @@ def main(argv: list[str] | None = None) -> None:
         ms_hf = step_ms(hf_step, crop, a.steps, device)
         if cache.get_seq_length() != a.context + 1:
             raise SystemExit(f"transformers' cache holds {cache.get_seq_length()} tokens, expected {a.context + 1}")
-        for impl, ms in (("transformers", ms_hf), ("dsv3_lite", ms_ours)):
+        for impl, ms in (("transformers", ms_hf), ("dsv3_lite", ms_ours), ("dsv3_lite + CUDA graph", ms_graph)):
+            if ms is None:
+                continue
             results.append({"task": f"decode batch 1, context {a.context}", "impl": impl, "ms_per_step": round(ms, 3),
                             "tokens_per_s": round(1e3 / ms, 1)})
             print(results[-1], flush=True)
 
-    speedups = {}
+        # 4. generate: greedy, a context-token prompt, gen_tokens new tokens; eager twice, then with the CUDA graph
+        gen = {}
+        prompt = ctx[0].tolist()
+        runs = [("eager", False), ("eager, again", False)] + ([("CUDA graph", True)] if device == "cuda" else [])
+        for name, flag in runs:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out_tokens = generate(ours, [prompt], a.gen_tokens, cuda_graph=flag)[0]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            gen[name] = (time.perf_counter() - t0, out_tokens)
+        generate_results = {"prompt_tokens": len(prompt), "new_tokens": a.gen_tokens}
+        for name, (secs, out_tokens) in gen.items():
+            diff = next((i for i, (x, y) in enumerate(zip(out_tokens, gen["eager"][1], strict=True)) if x != y), None)
+            generate_results[name] = {"seconds": round(secs, 3), "new_tokens_per_s": round(a.gen_tokens / secs, 1),
+                                      "same_tokens_as_eager": diff is None, "first_difference_at": diff}
+        print("generate:", generate_results, flush=True)
+
+        # 5. why graph and eager tokens can part: the same greedy loop three ways, with the step logits kept
+        greedy_paths = greedy_diagnosis(ours, ctx, a.gen_tokens, device)
+        print("greedy paths:", greedy_paths, flush=True)
+
+    speedups, graph_speedups = {}, {}
     for r in results:
         if r["impl"] == "transformers":
             o = next(q for q in results if q["task"] == r["task"] and q["impl"] == "dsv3_lite")
             speedups[r["task"]] = round(o["tokens_per_s"] / r["tokens_per_s"], 2)
+            g = next((q for q in results if q["task"] == r["task"] and q["impl"] == "dsv3_lite + CUDA graph"), None)
+            if g is not None:
+                graph_speedups[r["task"]] = {"over_transformers": round(g["tokens_per_s"] / r["tokens_per_s"], 2),
+                                             "over_dsv3_lite_eager": round(g["tokens_per_s"] / o["tokens_per_s"], 2)}
     gpu = torch.cuda.get_device_name() if device == "cuda" else "none (CPU run of --small)"
     try:
         import triton
@@ -194,11 +291,17 @@ def main(argv: list[str] | None = None) -> None:
                         "python": platform.python_version(), "cuda": torch.version.cuda},
            "config": {"preset": "tiny" if a.small else "671B", "n_layers": 2, "n_dense_layers": 1,
                       "parameters": n_params, "dtype": str(dtype).removeprefix("torch."),
-                      "attn_impl": args.attn_impl, "transformers_attention": "sdpa",
+                      "attn_impl": args.attn_impl, "max_seq_len": args.max_seq_len, "transformers_attention": "sdpa",
                       "transformers_cache": "DynamicCache"},
            "notes": "random weights, the same in both models; last-position logits only on both sides; KV cache on; "
-                    "prefill: median of triton.testing.do_bench; decode: median of per-step CUDA-event timings",
-           "check": check, "results": results, "speedup_dsv3_lite_over_transformers": speedups}
+                    "prefill: median of triton.testing.do_bench; decode: median of per-step CUDA-event timings; "
+                    "'dsv3_lite + CUDA graph': the same decode step captured once (DecodeGraph) and replayed, the "
+                    "timed call including the copies of the token and position into the graph's buffers; "
+                    "generate: wall time of greedy generate() including the prefill (and the graph's warm-up and "
+                    "capture)",
+           "check": check, "results": results, "speedup_dsv3_lite_over_transformers": speedups,
+           "cuda_graph_check": graph_check, "speedup_dsv3_lite_cuda_graph": graph_speedups,
+           "generate": generate_results, "greedy_paths": greedy_paths}
     if device == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,10 @@ class MLA(nn.Module):
     `[start_pos, start_pos + S)` of `precompute_freqs_cis`; mask additive float [S, T] or [B, S, T] (T = start_pos + S
     with a cache, S without), the string "causal" (= `causal_mask(S, start_pos)`, which lets the fused kernel skip
     the masked blocks), or None. Without a cache (`setup_cache` not called) start_pos must be 0.
+    With a cache, a one-token step (S = 1) of the absorbed form may take start_pos as a 0-dim int64 tensor on x's
+    device instead of an int (mask None): the step then never reads the position on the host, so a CUDA graph can
+    capture it (07); it attends over the whole allocated cache and hides the rows after start_pos. Such a position
+    is not range-checked (that would need the host): keep it in [0, cache length).
 
     How the attention itself runs: per-head K and V through `F.scaled_dot_product_attention` (fused, no [B, H, S, T]
     score tensor in memory) for the naive form and for every step of the absorbed form that starts at position 0
@@ -128,8 +132,8 @@ class MLA(nn.Module):
         return None if c is None else (c.shape[0], c.shape[1])
 
     # ---- forward
-    def _check_inputs(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: torch.Tensor | None
-                      ) -> int:
+    def _check_inputs(self, x: torch.Tensor, start_pos: int | torch.Tensor, freqs_cis: torch.Tensor,
+                      mask: torch.Tensor | str | None) -> int:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MLA: x.shape={tuple(x.shape)} is not allowed: x must be [B, S, dim={self.dim}]")
         bsz, seqlen = x.shape[:2]
@@ -140,6 +144,9 @@ class MLA(nn.Module):
                              f"[start_pos, start_pos + S) of precompute_freqs_cis, shape ({seqlen}, "
                              f"{self.qk_rope_head_dim // 2})")
         cache = self.cache_shape
+        on_device = isinstance(start_pos, torch.Tensor)
+        if on_device:
+            self._check_tensor_pos(x, start_pos, cache, mask)
         if cache is None:
             if start_pos != 0:
                 raise ValueError(f"MLA: start_pos={start_pos} is not allowed without a KV cache: call "
@@ -152,13 +159,13 @@ class MLA(nn.Module):
             if bsz > cache[0]:
                 raise ValueError(f"MLA: batch size B={bsz} is not allowed: the cache holds {cache[0]} sequences "
                                  f"(max_batch_size={self.max_batch_size})")
-            if start_pos < 0 or start_pos + seqlen > cache[1]:
+            if not on_device and (start_pos < 0 or start_pos + seqlen > cache[1]):
                 raise ValueError(f"MLA: start_pos={start_pos} with S={seqlen} is not allowed: start_pos + S must "
                                  f"be <= the cache length {cache[1]}")
             if torch.is_grad_enabled() and (x.requires_grad or self.wkv_a.weight.requires_grad):
                 raise RuntimeError("MLA: the KV cache is for inference: run under torch.no_grad() (or "
                                    "torch.inference_mode()), or call reset_cache() to train without one")
-            end = start_pos + seqlen
+            end = cache[1] if on_device else start_pos + seqlen  # a tensor start_pos: the whole allocated cache
         if isinstance(mask, str):
             if mask != "causal":
                 raise ValueError(f"MLA: mask={mask!r} is not allowed: use 'causal', an additive float tensor or None")
@@ -168,6 +175,25 @@ class MLA(nn.Module):
                              f"additive float mask [S, T] or [B, S, T] with S={seqlen}, T={end} "
                              "(see causal_mask)")
         return end
+
+    def _check_tensor_pos(self, x: torch.Tensor, start_pos: torch.Tensor, cache: tuple[int, int] | None,
+                          mask: torch.Tensor | str | None) -> None:
+        """The rules for a tensor start_pos (checked on the host from shapes and types only, no device sync)."""
+        if start_pos.dim() != 0 or start_pos.dtype != torch.int64 or start_pos.device != x.device:
+            raise ValueError(f"MLA: start_pos={start_pos!r} (shape {tuple(start_pos.shape)}, {start_pos.dtype}) is not "
+                             f"allowed: a tensor start_pos must be a 0-dim int64 tensor on x's device ({x.device})")
+        if self.attn_impl != "absorb":
+            raise ValueError(f"MLA: a tensor start_pos with attn_impl={self.attn_impl!r} is not allowed: only the "
+                             "absorbed form ('absorb') takes one; pass start_pos as an int")
+        if x.shape[1] != 1:
+            raise ValueError(f"MLA: a tensor start_pos with S={x.shape[1]} is not allowed: a tensor start_pos is for "
+                             "one-token steps (S = 1); pass start_pos as an int")
+        if cache is None:
+            raise ValueError("MLA: a tensor start_pos without a KV cache is not allowed: call setup_cache(batch_size, "
+                             "seq_len) first")
+        if mask is not None:
+            raise ValueError(f"MLA: mask={mask if isinstance(mask, str) else tuple(mask.shape)!r} with a tensor "
+                             "start_pos is not allowed: use mask=None (the layer hides the rows after start_pos)")
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None,
               start_pos: int) -> torch.Tensor:
@@ -184,12 +210,13 @@ class MLA(nn.Module):
                                            is_causal=causal, scale=self.softmax_scale)  # [B, H, S, d], float32 softmax
         return o.transpose(1, 2)[..., :d_v]  # [B, S, H, d_v]
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, freqs_cis: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, freqs_cis: torch.Tensor | None = None,
                 mask: torch.Tensor | str | None = None) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]; see the class docstring for start_pos, freqs_cis and mask."""
         if freqs_cis is None:
             raise ValueError("MLA: freqs_cis=None is not allowed: pass precompute_freqs_cis(args)[start_pos:start_pos+S]")
         end = self._check_inputs(x, start_pos, freqs_cis, mask)
+        on_device = isinstance(start_pos, torch.Tensor)  # a one-token step whose position stays on the device
         bsz, seqlen, _ = x.shape
         H, d_nope, d_v = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
         # queries: [q^C ; q^R] per head (eqs. 6-9)
@@ -202,9 +229,13 @@ class MLA(nn.Module):
         pe = apply_rotary_emb(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), freqs_cis)  # [B, S, H+1, r]
         q_pe, k_pe = pe[:, :, :H], pe[:, :, H]  # [B, S, H, r]; [B, S, r] rotated, not normalised
         if self.attn_impl == "absorb" and self.kv_cache is not None:
-            self.kv_cache[:bsz, start_pos:end] = kv  # the cache keeps only the latent and the RoPE key
-            self.pe_cache[:bsz, start_pos:end] = k_pe
-        if self.attn_impl == "naive" or (start_pos == 0 and self.prefill_naive):
+            if on_device:  # write row start_pos by index on the device: no Python int, no host sync (CUDA graphs)
+                self.kv_cache[:bsz].index_copy_(1, start_pos.view(1), kv.to(self.kv_cache.dtype))
+                self.pe_cache[:bsz].index_copy_(1, start_pos.view(1), k_pe.to(self.pe_cache.dtype))
+            else:
+                self.kv_cache[:bsz, start_pos:end] = kv  # the cache keeps only the latent and the RoPE key
+                self.pe_cache[:bsz, start_pos:end] = k_pe
+        if self.attn_impl == "naive" or (not on_device and start_pos == 0 and self.prefill_naive):
             # naive form: expand the latent to per-head keys and values (eqs. 2, 4, 5), then fused attention
             k_nope, v = self.wkv_b(kv).view(bsz, seqlen, H, d_nope + d_v).split([d_nope, d_v], -1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)  # [B, S, H, nope+r]
@@ -228,6 +259,9 @@ class MLA(nn.Module):
                                beta=self.softmax_scale, alpha=self.softmax_scale)  # [B, S·H, T]
         if isinstance(mask, str):
             mask = causal_mask(seqlen, start_pos, x.device, scores.dtype) if seqlen > 1 else None
+        if on_device:  # T = the allocated cache: hide the rows after start_pos with an additive [1, T] mask
+            later = torch.arange(end, device=x.device) > start_pos  # [T] bool, compared on the device
+            mask = torch.zeros(1, end, device=x.device, dtype=scores.dtype).masked_fill_(later, float("-inf"))
         if mask is not None:
             scores = (scores.view(bsz, seqlen, H, -1) + mask.unsqueeze(-2)).flatten(1, 2)  # mask over heads
         # softmax in float32 (a no-op cast skipped when the model already is float32)

@@ -230,3 +230,50 @@ def test_bad_inputs():
     m.attn_impl = "absorb"
     with pytest.raises(RuntimeError, match="no_grad"):
         m(torch.randn(1, 1, a.dim), 0, f[:1])
+
+
+# ---- start_pos as a 0-dim device tensor (one-token absorbed steps; what CUDA graphs capture, notebook 07)
+@pytest.mark.parametrize("q_lora", [24, 0])
+def test_tensor_start_pos_equals_int(q_lora):
+    a = TINY.replace(q_lora_rank=q_lora, max_batch_size=3)
+    _, m, _ = _pair(a, seed=3)
+    freqs = precompute_freqs_cis(a)
+    x = torch.randn(2, 11, a.dim)
+    pos = torch.tensor(0)
+    outs = {}
+    for kind in ("int", "tensor"):
+        m.setup_cache(3, 16)  # more rows and sequences than used: the masked rows and the batch slice are exercised
+        with torch.no_grad():
+            steps = [m(x[:, :4], 0, freqs[:4], causal_mask(4))]
+            for p in range(4, 11):
+                pos.fill_(p)
+                steps.append(m(x[:, p:p + 1], p, freqs[p:p + 1]) if kind == "int"
+                             else m(x[:, p:p + 1], pos, freqs.index_select(0, pos.view(1))))
+        outs[kind] = (torch.cat(steps, 1), m.kv_cache.clone(), m.pe_cache.clone())
+        m.reset_cache()
+    for got, want in zip(outs["tensor"], outs["int"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert outs["tensor"][1][:, 11:].abs().sum() == 0  # rows after the last step untouched
+
+
+def test_tensor_start_pos_bad_inputs():
+    a = TINY.replace(max_seq_len=16, max_batch_size=2)
+    m = MLA(a)
+    f = precompute_freqs_cis(a)
+    x1 = torch.randn(1, 1, a.dim)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="without a KV cache"):
+            m(x1, torch.tensor(2), f[2:3])
+        m.setup_cache(2, 8)
+        with pytest.raises(ValueError, match=r"S=3 is not allowed: a tensor start_pos is for one-token steps"):
+            m(torch.randn(1, 3, a.dim), torch.tensor(2), f[2:5])
+        with pytest.raises(ValueError, match=r"shape \(1,\), torch.int64\) is not allowed: .* 0-dim int64"):
+            m(x1, torch.tensor([2]), f[2:3])
+        with pytest.raises(ValueError, match=r"torch.int32\) is not allowed"):
+            m(x1, torch.tensor(2, dtype=torch.int32), f[2:3])
+        with pytest.raises(ValueError, match=r"mask=\(1, 8\) with a tensor start_pos is not allowed: use mask=None"):
+            m(x1, torch.tensor(2), f[2:3], torch.zeros(1, 8))
+        m.attn_impl = "naive"
+        m.setup_cache(2, 8)
+        with pytest.raises(ValueError, match="tensor start_pos with attn_impl='naive' is not allowed"):
+            m(x1, torch.tensor(2), f[2:3])

@@ -178,6 +178,47 @@ def test_generate_matches_cache_free_greedy():
     assert all(layer.attn.cache_shape is None for layer in m.layers)  # cache freed
 
 
+def test_tensor_start_pos_decode_equals_int():
+    """One-token steps with start_pos as a 0-dim int64 tensor (the CUDA-graph path) give the int path's logits."""
+    torch.manual_seed(0)
+    m = Transformer(SMALL).eval()
+    seq = torch.randint(0, SMALL.vocab_size, (3, 14))
+    pos = torch.tensor(0)
+    runs = {}
+    with torch.no_grad():
+        for kind in ("int", "tensor"):
+            m.setup_cache(4, 20)                      # larger than used: masked rows and a batch slice
+            steps = [m(seq[:, :5], 0, last_only=True)]
+            for p in range(5, 14):
+                pos.fill_(p)
+                steps.append(m(seq[:, p:p + 1], p if kind == "int" else pos, last_only=True))
+            runs[kind] = torch.stack(steps, 1)        # [B, 10, V]
+            m.reset_cache()
+    torch.testing.assert_close(runs["tensor"], runs["int"], atol=1e-6, rtol=0)
+
+
+def test_tensor_start_pos_and_cuda_graph_bad_input():
+    m = Transformer(SMALL).eval()
+    with torch.no_grad():
+        m.setup_cache(1, 8)
+        with pytest.raises(ValueError, match=r"start_pos = tensor\(2\) with S = 2 is not allowed: .*one-token steps"):
+            m(torch.zeros(1, 2, dtype=torch.long), torch.tensor(2))
+        with pytest.raises(ValueError, match="a tensor start_pos must be a 0-dim int64 tensor"):
+            m(torch.zeros(1, 1, dtype=torch.long), torch.tensor(2, dtype=torch.int32))
+        with pytest.raises(ValueError, match="a tensor start_pos must be a 0-dim int64 tensor"):
+            m(torch.zeros(1, 1, dtype=torch.long), torch.tensor([2]))
+        m.reset_cache()
+        with pytest.raises(ValueError, match="tensor start_pos without a KV cache is not allowed"):
+            m(torch.zeros(1, 1, dtype=torch.long), torch.tensor(2))
+    with pytest.raises(ValueError, match="cuda_graph=True is not allowed for a model on cpu: CUDA graphs need"):
+        generate(m, [[1, 2, 3]], max_new_tokens=2, cuda_graph=True)
+    for layer in m.layers:
+        layer.attn.attn_impl = "naive"
+    with pytest.raises(ValueError, match="cuda_graph=True is not allowed with attn_impl='naive'"):
+        generate(m, [[1, 2, 3]], max_new_tokens=2, cuda_graph=True)
+    assert all(layer.attn.cache_shape is None for layer in m.layers)
+
+
 def test_sample_top_p_and_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).log_softmax(-1)
     g = torch.Generator().manual_seed(0)
