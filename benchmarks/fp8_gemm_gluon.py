@@ -21,11 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsv3_lite.kernels import fp8 as F8  # noqa: E402
+from fp8_gemm_gpu import SHAPES, cublas_blockwise  # noqa: E402  (benchmarks/fp8_gemm_gpu.py)
 
-SHAPES = {"wq_a": (1536, 7168), "wq_b": (24576, 1536), "wkv_b": (32768, 512), "wo": (7168, 16384),
-          "dense_w13": (18432, 7168), "dense_w2": (7168, 18432), "expert_w1": (2048, 7168),
-          "expert_w2": (7168, 2048), "head": (129280, 7168)}
+from dsv3_lite.kernels import fp8 as F8  # noqa: E402
 
 
 def build():
@@ -169,8 +167,8 @@ def main():
                     res = {"error": f"{type(err).__name__}: {str(err)[:1500]}"}
                 row[name] = res
 
-            timed("cublas_bw", lambda: F8_cublas(aq, a_s, bq, b_s, torch.bfloat16),
-                  lambda: F8_cublas(aq, a_s, bq, b_s, torch.float32))
+            timed("cublas_bw", lambda: cublas_blockwise(aq, a_s, bq, b_s, torch.bfloat16),
+                  lambda: cublas_blockwise(aq, a_s, bq, b_s, torch.float32))
             timed("fp8_gemm", lambda: F8.fp8_gemm(aq, a_s, bq, b_s), lambda: F8.fp8_gemm(aq, a_s, bq, b_s, torch.float32))
             for name, cfg in CONFIGS.items():
                 timed(name, lambda cfg=cfg: launch(aq, a_s, bq, b_s, torch.bfloat16, **cfg)[0],
@@ -191,12 +189,6 @@ def main():
         rec.setdefault("geomean_tflops", {})[str(M)] = g
         print("GEOMEAN", M, json.dumps(g))
     args.out.write_text(json.dumps(rec, indent=1) + "\n")
-
-
-def F8_cublas(aq, a_s, bq, b_s, out_dtype):
-    from torch.nn.functional import ScalingType, scaled_mm
-    return scaled_mm(aq, bq.t(), a_s.t().contiguous().t(), ScalingType.BlockWise1x128,
-                     b_s.t(), ScalingType.BlockWise128x128, output_dtype=out_dtype)
 
 
 if __name__ == "__main__":

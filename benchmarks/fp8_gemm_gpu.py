@@ -42,14 +42,14 @@ SHAPES = {  # name: (N, K)
 MS = (64, 128, 512, 4096, 16384)
 
 
-def cublas_blockwise(aq, a_s, bq, b_s):
+def cublas_blockwise(aq, a_s, bq, b_s, out_dtype=torch.bfloat16):
     """cuBLAS block-scaled FP8 through PyTorch, in the layout it accepts on sm_90 (gpu_anchors.md §1)."""
     try:
         from torch.nn.functional import ScalingType, scaled_mm
     except ImportError:   # older PyTorch: the private spelling infers the recipe from the scale shapes
-        return torch._scaled_mm(aq, bq.t(), scale_a=a_s.t().contiguous().t(), scale_b=b_s.t(), out_dtype=torch.bfloat16)
+        return torch._scaled_mm(aq, bq.t(), scale_a=a_s.t().contiguous().t(), scale_b=b_s.t(), out_dtype=out_dtype)
     return scaled_mm(aq, bq.t(), a_s.t().contiguous().t(), ScalingType.BlockWise1x128,
-                     b_s.t(), ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+                     b_s.t(), ScalingType.BlockWise128x128, output_dtype=out_dtype)
 
 
 def rel(x, ref):

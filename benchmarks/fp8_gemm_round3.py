@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fp8_gemm_gpu import SHAPES, cublas_blockwise  # noqa: E402  (benchmarks/fp8_gemm_gpu.py)
+
 from dsv3_lite.kernels import fp8 as F8  # noqa: E402  (first: Triton interpreter switch on CPU)
 from dsv3_lite.kernels import tl, triton  # noqa: E402
 from dsv3_lite.kernels.fp8 import _tile_coords  # noqa: E402
-
-SHAPES = {"wq_a": (1536, 7168), "wq_b": (24576, 1536), "wkv_b": (32768, 512), "wo": (7168, 16384),
-          "dense_w13": (18432, 7168), "dense_w2": (7168, 18432), "expert_w1": (2048, 7168),
-          "expert_w2": (7168, 2048), "head": (129280, 7168)}
 
 
 @triton.jit
@@ -106,12 +104,6 @@ VARIANTS = {  # programs: per SM (multiplied by the SM count); None = one progra
                                    programs=1),
     "rescaled_128x256_s3": dict(kernel="rescaled", BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3),
 }
-
-
-def cublas_blockwise(aq, a_s, bq, b_s, out_dtype=torch.bfloat16):
-    from torch.nn.functional import ScalingType, scaled_mm
-    return scaled_mm(aq, bq.t(), a_s.t().contiguous().t(), ScalingType.BlockWise1x128,
-                     b_s.t(), ScalingType.BlockWise128x128, output_dtype=out_dtype)
 
 
 def rel(x, ref):
