@@ -6,7 +6,11 @@ Triton's lower-level dialect, exposes the asynchronous `wgmma` directly: issue s
 most one product is in flight (`warpgroup_mma_wait(num_outstanding=1)`), and promote step k while step k+1 runs.
 TMA loads run up to STAGES steps ahead through a ring of shared-memory buffers with one mbarrier each.
 
+`CONFIGS` `gluon_ws_*` (round 5) add warp specialisation: one loader warp issues the TMA loads of every (tile, K step)
+of a persistent program, the math warps run the loop above and store each tile while the next one loads.
+
 Same mathematics and numerics as the course kernel (promotion after every 128-wide K step). Needs an sm_90 GPU.
+Outcomes (benchmarks/fp8_gemm_notes.md, rounds 4-5): correct, and at most +10% over the course kernel on long K.
 Usage: python benchmarks/fp8_gemm_gluon.py [--m 4096] [--out benchmarks/results/fp8_gemm_gluon_h200.json]
 """
 
@@ -98,7 +102,107 @@ def build():
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         gl.store(C + rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
-    def launch(a, a_s, b, b_s, out_dtype=torch.bfloat16, BLOCK_M=128, STAGES=4, num_warps=8, GROUP_M=8):
+    @gluon.jit
+    def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
+        group = GROUP_M * num_pid_n
+        first_m = (tile // group) * GROUP_M
+        size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+    @gluon.jit
+    def ws_loader(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K,
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr):
+        """Worker partition (one warp): TMA loads of every (tile, K step) of this program into the ring."""
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        nkb = K // BLOCK_K
+        c = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+            pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            for kb in range(nkb):
+                s = c % STAGES
+                mbarrier.wait(empty.index(s), (c // STAGES) & 1)            # the math warps released buffer s
+                mbarrier.expect(ready.index(s), nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, kb * BLOCK_K], ready.index(s),
+                                                a_smem.index(s))
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, kb * BLOCK_K], ready.index(s),
+                                                b_smem.index(s))
+                c += 1
+
+    @gluon.jit
+    def ws_math(a_smem, b_smem, ready, empty, A_s, B_s, C, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                MATH_WARPS: gl.constexpr):
+        """Default partition: asynchronous wgmma per K step, step k promoted while step k+1 multiplies."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[MATH_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        nkb = K // BLOCK_K
+        zero = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+        c = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+            pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+            rm = gl.where(rows < M, rows, 0)
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            prev = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                                 is_async=True)
+            prev_s = s
+            s_prev = gl.load(A_s + rm * nkb) * gl.load(B_s + pid_n * nkb)
+            c += 1
+            for kb in range(1, nkb):
+                s = c % STAGES
+                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+                cur = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                                    is_async=True)
+                s_cur = gl.load(A_s + rm * nkb + kb) * gl.load(B_s + pid_n * nkb + kb)
+                done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
+                mbarrier.arrive(empty.index(prev_s), count=1)                  # step kb-1's buffers are free
+                acc = acc + done * s_prev[:, None]
+                s_prev = s_cur
+                prev = cur
+                prev_s = s
+                c += 1
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+            mbarrier.arrive(empty.index(prev_s), count=1)
+            acc = acc + done * s_prev[:, None]
+            cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+            gl.store(C + rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty),
+                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @gluon.jit
+    def ws_kernel(a_desc, b_desc, A_s, B_s, C, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                  NUM_PROGRAMS: gl.constexpr, num_warps: gl.constexpr):
+        """Persistent, warp-specialised: one loader warp (TMA) feeding the math warps through an mbarrier ring."""
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+            mbarrier.arrive(empty.index(i), count=1)                           # every buffer starts free
+        gl.warp_specialize([
+            (ws_math, (a_smem, b_smem, ready, empty, A_s, B_s, C, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                       STAGES, NUM_PROGRAMS, num_warps)),
+            (ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
+        ], [1], [40])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+            mbarrier.invalidate(empty.index(i))
+
+    def launch(a, a_s, b, b_s, out_dtype=torch.bfloat16, BLOCK_M=128, STAGES=4, num_warps=8, GROUP_M=8, ws=False,
+               per_sm=1):
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         M, K = a.shape
         N = b.shape[0]
@@ -107,8 +211,14 @@ def build():
             [BLOCK_M, 128], gl.float8e4nv))
         b_desc = TensorDescriptor.from_tensor(b, [128, 128], gl.NVMMASharedLayout.get_default_for(
             [128, 128], gl.float8e4nv))
-        grid = (triton_cdiv(M, BLOCK_M) * triton_cdiv(N, 128),)
-        k = kernel[grid](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES, num_warps=num_warps)
+        tiles = triton_cdiv(M, BLOCK_M) * triton_cdiv(N, 128)
+        if ws:
+            n_prog = min(tiles, per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count)
+            k = ws_kernel[(n_prog,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
+                                     NUM_PROGRAMS=n_prog, num_warps=num_warps)
+        else:
+            k = kernel[(tiles,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
+                                 num_warps=num_warps)
         return c, getattr(k, "n_regs", None), getattr(k, "n_spills", None)
 
     return launch
@@ -124,13 +234,18 @@ def rel(x, ref):
 
 CONFIGS = {"gluon_128x128_w8_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4),
            "gluon_128x128_w8_s3": dict(BLOCK_M=128, num_warps=8, STAGES=3),
-           "gluon_64x128_w4_s4": dict(BLOCK_M=64, num_warps=4, STAGES=4)}
+           "gluon_64x128_w4_s4": dict(BLOCK_M=64, num_warps=4, STAGES=4),
+           "gluon_ws_persistent_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True),
+           "gluon_ws_persistent_128x128_s5": dict(BLOCK_M=128, num_warps=8, STAGES=5, ws=True),
+           "gluon_ws_persistent_64x128_w4_s4_x2": dict(BLOCK_M=64, num_warps=4, STAGES=4, ws=True, per_sm=2),
+           "gluon_ws_persistent_64x128_w4_s3_x2": dict(BLOCK_M=64, num_warps=4, STAGES=3, ws=True, per_sm=2)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default="4096")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names from CONFIGS")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fp8_gemm_gluon_h200.json")
     args = ap.parse_args()
     import triton
@@ -170,7 +285,7 @@ def main():
             timed("cublas_bw", lambda: cublas_blockwise(aq, a_s, bq, b_s, torch.bfloat16),
                   lambda: cublas_blockwise(aq, a_s, bq, b_s, torch.float32))
             timed("fp8_gemm", lambda: F8.fp8_gemm(aq, a_s, bq, b_s), lambda: F8.fp8_gemm(aq, a_s, bq, b_s, torch.float32))
-            for name, cfg in CONFIGS.items():
+            for name, cfg in ((n, CONFIGS[n]) for n in args.configs.split(",")):
                 timed(name, lambda cfg=cfg: launch(aq, a_s, bq, b_s, torch.bfloat16, **cfg)[0],
                       lambda cfg=cfg: launch(aq, a_s, bq, b_s, torch.float32, **cfg)[0])
                 if "error" not in row[name]:
@@ -185,7 +300,7 @@ def main():
     for M in sorted({r["M"] for r in rec["rows"]}):
         rs = [r for r in rec["rows"] if r["M"] == M]
         g = {n: round(math.exp(sum(math.log(r[n]["tflops"]) for r in rs) / len(rs)), 1)
-             for n in ["cublas_bw", "fp8_gemm", *CONFIGS] if all("tflops" in r[n] for r in rs)}
+             for n in ["cublas_bw", "fp8_gemm", *args.configs.split(",")] if all("tflops" in r[n] for r in rs)}
         rec.setdefault("geomean_tflops", {})[str(M)] = g
         print("GEOMEAN", M, json.dumps(g))
     args.out.write_text(json.dumps(rec, indent=1) + "\n")
