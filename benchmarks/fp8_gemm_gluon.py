@@ -178,8 +178,19 @@ def build():
                      mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     @gluon.jit
+    def ws_drain(ready, empty, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                 STAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr):
+        """Probe: a default partition that only takes each loaded buffer and frees it (no MMA, no output), so the
+        kernel's time is the time of its TMA loads alone."""
+        my_tiles = gl.cdiv(gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) - gl.program_id(0), NUM_PROGRAMS)
+        for c in range(my_tiles * (K // BLOCK_K)):                  # every (tile, K step) the loader issues
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            mbarrier.arrive(empty.index(s), count=1)
+
+    @gluon.jit
     def ws_kernel(a_desc, b_desc, A_s, B_s, C, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                  NUM_PROGRAMS: gl.constexpr, num_warps: gl.constexpr):
+                  NUM_PROGRAMS: gl.constexpr, LOAD_ONLY: gl.constexpr, num_warps: gl.constexpr):
         """Persistent, warp-specialised: one loader warp (TMA) feeding the math warps through an mbarrier ring."""
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -192,17 +203,23 @@ def build():
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
             mbarrier.arrive(empty.index(i), count=1)                           # every buffer starts free
-        gl.warp_specialize([
-            (ws_math, (a_smem, b_smem, ready, empty, A_s, B_s, C, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                       STAGES, NUM_PROGRAMS, num_warps)),
-            (ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
-        ], [1], [40])
+        if LOAD_ONLY:
+            gl.warp_specialize([
+                (ws_drain, (ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NUM_PROGRAMS)),
+                (ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
+            ], [1], [40])
+        else:
+            gl.warp_specialize([
+                (ws_math, (a_smem, b_smem, ready, empty, A_s, B_s, C, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                           STAGES, NUM_PROGRAMS, num_warps)),
+                (ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
+            ], [1], [40])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
 
     def launch(a, a_s, b, b_s, out_dtype=torch.bfloat16, BLOCK_M=128, STAGES=4, num_warps=8, GROUP_M=8, ws=False,
-               per_sm=1):
+               per_sm=1, load_only=False):
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         M, K = a.shape
         N = b.shape[0]
@@ -215,7 +232,7 @@ def build():
         if ws:
             n_prog = min(tiles, per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count)
             k = ws_kernel[(n_prog,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
-                                     NUM_PROGRAMS=n_prog, num_warps=num_warps)
+                                     NUM_PROGRAMS=n_prog, LOAD_ONLY=load_only, num_warps=num_warps)
         else:
             k = kernel[(tiles,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
                                  num_warps=num_warps)
@@ -238,7 +255,10 @@ CONFIGS = {"gluon_128x128_w8_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4),
            "gluon_ws_persistent_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True),
            "gluon_ws_persistent_128x128_s5": dict(BLOCK_M=128, num_warps=8, STAGES=5, ws=True),
            "gluon_ws_persistent_64x128_w4_s4_x2": dict(BLOCK_M=64, num_warps=4, STAGES=4, ws=True, per_sm=2),
-           "gluon_ws_persistent_64x128_w4_s3_x2": dict(BLOCK_M=64, num_warps=4, STAGES=3, ws=True, per_sm=2)}
+           "gluon_ws_persistent_64x128_w4_s3_x2": dict(BLOCK_M=64, num_warps=4, STAGES=3, ws=True, per_sm=2),
+           # probe, not a GEMM: the same persistent grid and loads with the math removed (its output is garbage);
+           # its "TFLOP/s" / 128 = TB/s of operand tiles delivered from L2 to shared memory (128x128 tiles: 128 FLOP/B)
+           "probe_loads_only_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, load_only=True)}
 
 
 def main():
