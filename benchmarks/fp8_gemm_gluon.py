@@ -189,8 +189,40 @@ def build():
             mbarrier.arrive(empty.index(s), count=1)
 
     @gluon.jit
+    def ws_mma_only(a_smem, b_smem, ready, empty, C, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                    MATH_WARPS: gl.constexpr):
+        """Probe: the math partition without scales or promotion, `wgmma` accumulating in place across K (wrong
+        numbers for block-scaled operands): the ceiling of this kernel's `wgmma` pipeline alone."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[MATH_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        nkb = K // BLOCK_K
+        c = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+            pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+            prev_s = 0
+            for kb in range(nkb):
+                s = c % STAGES
+                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+                acc = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))        # step kb-1 finished
+                mbarrier.arrive(empty.index(prev_s), count=1, pred=kb > 0)
+                prev_s = s
+                c += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(prev_s), count=1)
+            rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+            cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+            gl.store(C + rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty),
+                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @gluon.jit
     def ws_kernel(a_desc, b_desc, A_s, B_s, C, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                  NUM_PROGRAMS: gl.constexpr, LOAD_ONLY: gl.constexpr, num_warps: gl.constexpr):
+                  NUM_PROGRAMS: gl.constexpr, LOAD_ONLY: gl.constexpr, MMA_ONLY: gl.constexpr,
+                  num_warps: gl.constexpr):
         """Persistent, warp-specialised: one loader warp (TMA) feeding the math warps through an mbarrier ring."""
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -208,6 +240,12 @@ def build():
                 (ws_drain, (ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NUM_PROGRAMS)),
                 (ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
             ], [1], [40])
+        elif MMA_ONLY:
+            gl.warp_specialize([
+                (ws_mma_only, (a_smem, b_smem, ready, empty, C, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                               STAGES, NUM_PROGRAMS, num_warps)),
+                (ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
+            ], [1], [40])
         else:
             gl.warp_specialize([
                 (ws_math, (a_smem, b_smem, ready, empty, A_s, B_s, C, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
@@ -219,7 +257,7 @@ def build():
             mbarrier.invalidate(empty.index(i))
 
     def launch(a, a_s, b, b_s, out_dtype=torch.bfloat16, BLOCK_M=128, STAGES=4, num_warps=8, GROUP_M=8, ws=False,
-               per_sm=1, load_only=False):
+               per_sm=1, load_only=False, mma_only=False):
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         M, K = a.shape
         N = b.shape[0]
@@ -232,7 +270,8 @@ def build():
         if ws:
             n_prog = min(tiles, per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count)
             k = ws_kernel[(n_prog,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
-                                     NUM_PROGRAMS=n_prog, LOAD_ONLY=load_only, num_warps=num_warps)
+                                     NUM_PROGRAMS=n_prog, LOAD_ONLY=load_only, MMA_ONLY=mma_only,
+                                     num_warps=num_warps)
         else:
             k = kernel[(tiles,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
                                  num_warps=num_warps)
@@ -258,7 +297,9 @@ CONFIGS = {"gluon_128x128_w8_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4),
            "gluon_ws_persistent_64x128_w4_s3_x2": dict(BLOCK_M=64, num_warps=4, STAGES=3, ws=True, per_sm=2),
            # probe, not a GEMM: the same persistent grid and loads with the math removed (its output is garbage);
            # its "TFLOP/s" / 128 = TB/s of operand tiles delivered from L2 to shared memory (128x128 tiles: 128 FLOP/B)
-           "probe_loads_only_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, load_only=True)}
+           "probe_loads_only_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, load_only=True),
+           # probe: wgmma accumulating in place, no scales or promotion (wrong numbers): the MMA pipeline's ceiling
+           "probe_mma_only_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, mma_only=True)}
 
 
 def main():
