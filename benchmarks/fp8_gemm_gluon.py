@@ -136,8 +136,9 @@ def build():
     @gluon.jit
     def ws_math(a_smem, b_smem, ready, empty, A_s, B_s, C, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                MATH_WARPS: gl.constexpr):
-        """Default partition: asynchronous wgmma per K step, step k promoted while step k+1 multiplies."""
+                MATH_WARPS: gl.constexpr, UNIT_SCALES: gl.constexpr):
+        """Default partition: asynchronous wgmma per K step, step k promoted while step k+1 multiplies.
+        UNIT_SCALES (probe, wrong numbers): promote with scale 1 instead of loading the scales from global memory."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[MATH_WARPS, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
         num_pid_m = gl.cdiv(M, BLOCK_M)
@@ -155,14 +156,20 @@ def build():
             prev = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
                                  is_async=True)
             prev_s = s
-            s_prev = gl.load(A_s + rm * nkb) * gl.load(B_s + pid_n * nkb)
+            if UNIT_SCALES:
+                s_prev = gl.full((BLOCK_M,), 1.0, gl.float32, layout=gl.SliceLayout(1, mma))
+            else:
+                s_prev = gl.load(A_s + rm * nkb) * gl.load(B_s + pid_n * nkb)
             c += 1
             for kb in range(1, nkb):
                 s = c % STAGES
                 mbarrier.wait(ready.index(s), (c // STAGES) & 1)
                 cur = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
                                     is_async=True)
-                s_cur = gl.load(A_s + rm * nkb + kb) * gl.load(B_s + pid_n * nkb + kb)
+                if UNIT_SCALES:
+                    s_cur = gl.full((BLOCK_M,), 1.0, gl.float32, layout=gl.SliceLayout(1, mma))
+                else:
+                    s_cur = gl.load(A_s + rm * nkb + kb) * gl.load(B_s + pid_n * nkb + kb)
                 done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
                 mbarrier.arrive(empty.index(prev_s), count=1)                  # step kb-1's buffers are free
                 acc = acc + done * s_prev[:, None]
@@ -222,7 +229,7 @@ def build():
     @gluon.jit
     def ws_kernel(a_desc, b_desc, A_s, B_s, C, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                   NUM_PROGRAMS: gl.constexpr, LOAD_ONLY: gl.constexpr, MMA_ONLY: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  UNIT_SCALES: gl.constexpr, num_warps: gl.constexpr):
         """Persistent, warp-specialised: one loader warp (TMA) feeding the math warps through an mbarrier ring."""
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -249,7 +256,7 @@ def build():
         else:
             gl.warp_specialize([
                 (ws_math, (a_smem, b_smem, ready, empty, A_s, B_s, C, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                           STAGES, NUM_PROGRAMS, num_warps)),
+                           STAGES, NUM_PROGRAMS, num_warps, UNIT_SCALES)),
                 (ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
             ], [1], [40])
         for i in gl.static_range(STAGES):
@@ -257,7 +264,7 @@ def build():
             mbarrier.invalidate(empty.index(i))
 
     def launch(a, a_s, b, b_s, out_dtype=torch.bfloat16, BLOCK_M=128, STAGES=4, num_warps=8, GROUP_M=8, ws=False,
-               per_sm=1, load_only=False, mma_only=False):
+               per_sm=1, load_only=False, mma_only=False, unit_scales=False):
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         M, K = a.shape
         N = b.shape[0]
@@ -271,7 +278,7 @@ def build():
             n_prog = min(tiles, per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count)
             k = ws_kernel[(n_prog,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
                                      NUM_PROGRAMS=n_prog, LOAD_ONLY=load_only, MMA_ONLY=mma_only,
-                                     num_warps=num_warps)
+                                     UNIT_SCALES=unit_scales, num_warps=num_warps)
         else:
             k = kernel[(tiles,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
                                  num_warps=num_warps)
@@ -299,7 +306,10 @@ CONFIGS = {"gluon_128x128_w8_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4),
            # its "TFLOP/s" / 128 = TB/s of operand tiles delivered from L2 to shared memory (128x128 tiles: 128 FLOP/B)
            "probe_loads_only_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, load_only=True),
            # probe: wgmma accumulating in place, no scales or promotion (wrong numbers): the MMA pipeline's ceiling
-           "probe_mma_only_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, mma_only=True)}
+           "probe_mma_only_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, mma_only=True),
+           # probe: the full promotion loop with scale 1 instead of loading the scales (wrong numbers): what the
+           # scale loads cost
+           "probe_unit_scales_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, unit_scales=True)}
 
 
 def main():
