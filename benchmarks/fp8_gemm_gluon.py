@@ -11,6 +11,8 @@ of a persistent program, the math warps run the loop above and store each tile w
 
 Same mathematics and numerics as the course kernel (promotion after every 128-wide K step). Needs an sm_90 GPU.
 Outcomes (benchmarks/fp8_gemm_notes.md, rounds 4-5): correct, and at most +10% over the course kernel on long K.
+`probe_*` CONFIGS are not GEMMs (wrong numbers on purpose): each removes one part of the warp-specialised kernel (the
+math, the promotion, the scale loads) to measure what that part costs.
 Usage: python benchmarks/fp8_gemm_gluon.py [--m 4096] [--out benchmarks/results/fp8_gemm_gluon_h200.json]
 """
 
