@@ -37,7 +37,7 @@ from dsv3_lite.attention import MLA
 from dsv3_lite.config import ModelArgs, official_param_name
 from dsv3_lite.embedding import Embedding, Head
 from dsv3_lite.ffn import MLP
-from dsv3_lite.kernels.fp8 import FP8, FP8Linear, weight_quant_ref
+from dsv3_lite.kernels.fp8 import FP8, FP8Linear, weight_dequant_ref, weight_quant_ref
 from dsv3_lite.moe import Experts, FP8Experts, MoE
 from dsv3_lite.norm import RMSNorm
 from dsv3_lite.rope import precompute_freqs_cis
@@ -308,8 +308,7 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 1
     if scale_inv.shape != (math.ceil(N / block), math.ceil(K / block)):
         raise ValueError(f"dequantize_fp8: weight_scale_inv shape {tuple(scale_inv.shape)} does not fit weight "
                          f"{tuple(weight.shape)}: expected {(math.ceil(N / block), math.ceil(K / block))}")
-    s = scale_inv.float().repeat_interleave(block, 0)[:N].repeat_interleave(block, 1)[:, :K]   # [N, K]
-    return (weight.float() * s).to(dtype)
+    return weight_dequant_ref(weight, scale_inv.float(), block, dtype)   # 08's reference, after the loader's check
 
 
 # --- notebooks/07_model.ipynb

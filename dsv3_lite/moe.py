@@ -291,10 +291,7 @@ class FP8Experts(nn.Module):
         w, s = getattr(self, name)[e], getattr(self, name + "_scale")[e]
         if a.is_cuda and _fp8._COMPILED:
             return _fp8.fp8_gemm(a, a_s, w, s, out_dtype)
-        # the PyTorch reference `fp8_gemm_ref`, with the block scales broadcast instead of repeated (N, K % 128 == 0)
-        a32 = (a.float().unflatten(-1, (-1, 128)) * a_s.unsqueeze(-1)).flatten(-2)                   # [n, K]
-        w32 = (w.float().unflatten(0, (-1, 128)).unflatten(-1, (-1, 128)) * s[:, None, :, None]).flatten(0, 1)
-        return (a32 @ w32.flatten(-2).T).to(out_dtype)                                               # [n, N]
+        return _fp8.fp8_gemm_ref(a, a_s, w, s, out_dtype)                   # CPU / no Triton: the PyTorch reference
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 impl: str = "sorted") -> torch.Tensor:

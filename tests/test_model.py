@@ -2,13 +2,13 @@
 KV-cache decoding, generation, published sizes, FP8 and sharded checkpoints, bad input."""
 
 import json
-import math
 
 import pytest
 import torch
 
 from dsv3_lite import ModelArgs, Transformer, load_hf_checkpoint
 from dsv3_lite.config import param_counts
+from dsv3_lite.kernels.fp8 import weight_quant_ref
 from dsv3_lite.model import checkpoint_files, dequantize_fp8, generate, sample
 from dsv3_lite.moe import MoE
 
@@ -107,21 +107,13 @@ def test_sharded_checkpoint_really_sharded(checkpoints):
     assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 1
 
 
-def _quantize_fp8(w, block=128):
-    N, K = w.shape
-    nb, kb = math.ceil(N / block), math.ceil(K / block)
-    amax = torch.nn.functional.pad(w.abs(), (0, kb * block - K, 0, nb * block - N)).view(nb, block, kb, block).amax((1, 3))
-    s = amax.clamp(min=1e-4) / 448
-    return (w / s.repeat_interleave(block, 0)[:N].repeat_interleave(block, 1)[:, :K]).to(torch.float8_e4m3fn), s
-
-
 def test_fp8_checkpoint_with_mtp_layer(checkpoints, tmp_path, capsys):
     _, path, args = checkpoints["q_lora+groups+yarn"]
     config = json.loads((path / "config.json").read_text())
     fp8, deq = {}, {}
     for k, v in load_file(path / "model.safetensors").items():
         if k.endswith("proj.weight"):
-            q, s = _quantize_fp8(v)
+            q, s = weight_quant_ref(v)
             fp8[k], fp8[k + "_scale_inv"], deq[k] = q, s, dequantize_fp8(q, s, dtype=torch.float32)
         else:
             fp8[k] = deq[k] = v
@@ -296,7 +288,6 @@ FP8_ARGS = SMALL.replace(dim=128, inter_dim=256, moe_inter_dim=128, q_lora_rank=
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tmp_path_factory):
     """A random DeepseekV3ForCausalLM saved twice: FP8 (e4m3 + weight_scale_inv, as published) and dequantised."""
-    from dsv3_lite.kernels.fp8 import weight_quant_ref
     root = tmp_path_factory.mktemp("fp8ckpt")
     _hf(FP8_ARGS, seed=7).save_pretrained(root / "plain")
     config = json.loads((root / "plain" / "config.json").read_text())
