@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fp8_gemm_gpu import SHAPES, cublas_blockwise  # noqa: E402  (benchmarks/fp8_gemm_gpu.py)
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 from dsv3_lite.kernels import fp8 as F8  # noqa: E402
 
@@ -39,19 +40,20 @@ def build():
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
     @gluon.jit
+    def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
+        """Grouped tile order, as the course kernel's `_tile_coords`."""
+        group = GROUP_M * num_pid_n
+        first_m = (tile // group) * GROUP_M
+        size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+    @gluon.jit
     def kernel(a_desc, b_desc, A_s, B_s, C, M, N, K,
                GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]      # 128: one scale group per K step
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]      # 128: one weight-scale block per tile
-        pid = gl.program_id(0)                                  # grouped tile order (as the course kernel)
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_pid_n
-        first_m = (pid // group) * GROUP_M
-        size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
+        pid_m, pid_n = tile_coords(gl.program_id(0), gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         nkb = K // BLOCK_K
@@ -103,13 +105,6 @@ def build():
         cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         gl.store(C + rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
-
-    @gluon.jit
-    def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
-        group = GROUP_M * num_pid_n
-        first_m = (tile // group) * GROUP_M
-        size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
-        return first_m + (tile % group) % size_m, (tile % group) // size_m
 
     @gluon.jit
     def ws_loader(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K,
@@ -275,7 +270,7 @@ def build():
             [BLOCK_M, 128], gl.float8e4nv))
         b_desc = TensorDescriptor.from_tensor(b, [128, 128], gl.NVMMASharedLayout.get_default_for(
             [128, 128], gl.float8e4nv))
-        tiles = triton_cdiv(M, BLOCK_M) * triton_cdiv(N, 128)
+        tiles = F8._cdiv(M, BLOCK_M) * F8._cdiv(N, 128)
         if ws:
             n_prog = min(tiles, per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count)
             k = ws_kernel[(n_prog,)](a_desc, b_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
@@ -287,10 +282,6 @@ def build():
         return c, getattr(k, "n_regs", None), getattr(k, "n_spills", None)
 
     return launch
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 def rel(x, ref):
@@ -322,7 +313,6 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fp8_gemm_gluon_h200.json")
     args = ap.parse_args()
     import triton
-    from triton.testing import do_bench
     launch = build()
     torch.manual_seed(0)
     rec = {"benchmark": "benchmarks/fp8_gemm_gluon.py (see its docstring)",
@@ -349,7 +339,7 @@ def main():
             def timed(name, fn, fn32):
                 try:
                     res = {"err_fp32": float(f"{rel(fn32()[rows], ref):.3e}")}
-                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    ms = median_ms(fn, "cuda", rep_ms=100)
                     res.update(us=round(ms * 1e3, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 1))
                 except Exception as err:  # keep going: one failing variant must not lose the run
                     res = {"error": f"{type(err).__name__}: {str(err)[:1500]}"}

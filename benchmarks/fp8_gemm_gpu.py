@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+
 from dsv3_lite.kernels import fp8 as F8  # noqa: E402
 
 SHAPES = {  # name: (N, K)
@@ -129,7 +131,6 @@ def fn_copy(fn, case, i):
 def bench(fn, case, out_check=True, graph=False):
     """Check, then time: do_bench median (host overhead included when it exceeds the L2 flush), and with
     graph=True also the CUDA-graph time with rotated weight copies (the kernel's own time)."""
-    from triton.testing import do_bench
     res = {}
     try:
         out = fn()
@@ -137,7 +138,7 @@ def bench(fn, case, out_check=True, graph=False):
         if out_check:
             res.update(case.errors(out))
         del out
-        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        ms = median_ms(fn, "cuda", rep_ms=100)
         res["us"] = round(ms * 1e3, 2)
         res["tflops"] = round(case.flops() / (ms * 1e-3) / 1e12, 1)
         if graph:

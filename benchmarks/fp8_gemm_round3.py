@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fp8_gemm_gpu import SHAPES, cublas_blockwise  # noqa: E402  (benchmarks/fp8_gemm_gpu.py)
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 from dsv3_lite.kernels import fp8 as F8  # noqa: E402  (first: Triton interpreter switch on CPU)
 from dsv3_lite.kernels import tl, triton  # noqa: E402
@@ -78,7 +79,7 @@ def launch(a, a_s, b, b_s, out_dtype, cfg):
                                             BLOCK_K=128, GROUP_M=8, NUM_PROGRAMS=n_prog, **opts)
     else:
         k = F8._fp8_gemm_tma_kernel[(n_prog,)](a_desc, a_s, b_desc, b_s, c, M, N, K, BLOCK_M=BM, BLOCK_N=BN,
-                                               BLOCK_K=128, GROUP_M=8, NUM_PROGRAMS=n_prog, WARP_SPEC=False,
+                                               BLOCK_K=128, GROUP_M=8, NUM_PROGRAMS=n_prog,
                                                DEFER=cfg.get("DEFER", False), HALVES=False, **opts)
     return c, getattr(k, "n_regs", None), getattr(k, "n_spills", None)
 
@@ -135,7 +136,6 @@ def main():
     args = ap.parse_args()
     if args.check or not torch.cuda.is_available():
         return check_cpu()
-    from triton.testing import do_bench
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -166,7 +166,7 @@ def main():
                     res = {"err_bf16": round(rel(out[rows], ref), 6)}
                     if fn32 is not None:
                         res["err_fp32"] = float(f"{rel(fn32()[rows], ref):.3e}")
-                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    ms = median_ms(fn, "cuda", rep_ms=100)
                     res.update(us=round(ms * 1e3, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 1))
                 except Exception as err:  # one failing variant must not lose the run
                     res = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}

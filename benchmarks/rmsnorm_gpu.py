@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+
 from dsv3_lite.norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 
 
@@ -28,7 +30,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("rmsnorm_gpu.py needs a CUDA GPU")
     import triton
-    from triton.testing import do_bench
 
     compiled = torch.compile(rms_norm_ref, dynamic=True)
     results = []
@@ -46,7 +47,7 @@ def main() -> None:
                             ("F_rms_norm", lambda: F.rms_norm(x, (N,), w, 1e-6)),
                             ("eager", lambda: rms_norm_ref(x, w)),
                             ("compiled", lambda: compiled(x, w))]:
-                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                ms = median_ms(fn, "cuda", rep_ms=100)
                 row[f"{key}_us"] = round(ms * 1e3, 2)
                 row[f"{key}_GBps"] = round(bytes_moved / (ms * 1e-3) / 1e9, 1)
             results.append(row)

@@ -1,12 +1,5 @@
-"""01 · RMSNorm
-
-Root-mean-square normalisation, the only normalisation in DeepSeek-V3, and a Triton kernel for it.
-
-Implements the RMSNorm of DeepSeek-V3 (arXiv:2412.19437, §2.1 and §4.2: pre-norm of every attention and FFN/MoE
-sub-layer, the query and KV latent norms, the final norm, the MTP norms). Official code: `RMSNorm` in
-`inference/model.py` (calls `F.rms_norm`); transformers: `DeepseekV3RMSNorm`. We follow transformers'
-numerics (normalise in float32, cast to the input dtype, then scale by the weight); the official code multiplies by
-the weight before casting, which differs in the last bit of some bf16 elements (shared/reference/deepseek_v3.md §3.1).
+"""The course's exercise checker: `check(actual, expected, name=...)` prints a ✓ line or raises an AssertionError that
+explains the difference (shape, dtype, NaNs, the largest error and where it is).
 
 Generated from notebooks/01_rmsnorm.ipynb.
 """

@@ -387,7 +387,7 @@ def args_to_hf(a: ModelArgs) -> dict[str, Any]:
     """A `transformers.DeepseekV3Config` keyword dict (transformers-5 `rope_parameters` form) equivalent to `a`."""
     hf: dict[str, Any] = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}
     for ours, key in HF_CONFIG_NAMES.items():
-        if "." not in key:
+        if "." not in key and ours != "gate_bias":                         # gate_bias -> topk_method, set below
             hf[key] = getattr(a, ours)
     if a.yarn_enabled:  # the HF file states the extended context: 4096 * 40 = 163840 for V3
         hf["max_position_embeddings"] = max(a.max_seq_len, int(a.original_seq_len * a.rope_factor))

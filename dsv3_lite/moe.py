@@ -246,6 +246,7 @@ class MoE(nn.Module):
 
 
 # --- notebooks/06_moe.ipynb
+from dsv3_lite.kernels import COMPILED
 from dsv3_lite.kernels import fp8 as _fp8
 
 
@@ -289,7 +290,7 @@ class FP8Experts(nn.Module):
     def _mm(self, a: torch.Tensor, a_s: torch.Tensor, name: str, e: int, out_dtype: torch.dtype) -> torch.Tensor:
         """a_q [n, K] fp8 with tile scales [n, K/128] times expert e's matrix `name` -> [n, N]."""
         w, s = getattr(self, name)[e], getattr(self, name + "_scale")[e]
-        if a.is_cuda and _fp8._COMPILED:
+        if a.is_cuda and COMPILED:
             return _fp8.fp8_gemm(a, a_s, w, s, out_dtype)
         return _fp8.fp8_gemm_ref(a, a_s, w, s, out_dtype)                   # CPU / no Triton: the PyTorch reference
 

@@ -81,7 +81,7 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     >>> apply_rotary_emb(torch.tensor([[[1.0, 0.0]]]), f).round()           # [B=1, S=1, d_R=2]
     tensor([[[0., 1.]]])
     """
-    if x.dim() < 3 or x.shape[-1] % 2 or x.shape[-1] != 2 * freqs_cis.shape[-1] or x.shape[1] != freqs_cis.shape[0]:
+    if x.dim() < 3 or x.shape[-1] != 2 * freqs_cis.shape[-1] or x.shape[1] != freqs_cis.shape[0]:
         raise ValueError(f"apply_rotary_emb: x.shape={tuple(x.shape)} with freqs_cis.shape="
                          f"{tuple(freqs_cis.shape)} is not allowed: x must be [B, S, ..., d_R] with "
                          "S = freqs_cis.shape[0] and d_R = 2 * freqs_cis.shape[-1]")

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from dsv3_lite import ModelArgs, Transformer
+from dsv3_lite.kernels import COMPILED
 from dsv3_lite.kernels import fp8 as F
 from dsv3_lite.model import generate
 from dsv3_lite.moe import Experts, FP8Experts
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and F._COMPILED),
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and COMPILED),
                                 reason="needs a CUDA GPU with Triton (the CPU path is tested in test_fp8/test_model)")
 
 # every matrix input width a multiple of 128, so every linear and the experts are FP8

@@ -37,6 +37,23 @@ def test_norm_works_without_triton():
     assert "refused: cannot launch Triton kernel _rms_norm_fwd_kernel" in r.stdout
 
 
+def test_fp8linear_without_triton_uses_the_pytorch_path():
+    """Where Triton cannot be installed, FP8Linear still runs (reference path) and the kernels say why they cannot."""
+    r = _run("""
+        import torch
+        from dsv3_lite.kernels import fp8 as F
+        layer = F.FP8Linear.from_linear(torch.nn.Linear(256, 130))
+        y = layer(torch.randn(3, 256))
+        assert y.shape == (3, 130) and torch.isfinite(y).all()
+        try:
+            F.act_quant(torch.randn(2, 128))
+        except RuntimeError as e:
+            print("refused:", e)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "refused: cannot launch Triton kernel _act_quant_kernel" in r.stdout, r.stdout
+
+
 def test_public_api_imports_without_triton():
     r = _run("""
         import pkgutil, importlib, dsv3_lite

@@ -22,7 +22,7 @@ __all__ = ['FP8', 'FP8_MAX', 'BLOCK', 'AMAX_FLOOR', 'pow2_ceil', 'act_quant_ref'
 import torch
 from torch import nn
 
-from dsv3_lite.kernels import HAS_TRITON, INTERPRET, tl, triton
+from dsv3_lite.kernels import COMPILED, INTERPRET, tl, triton
 
 FP8 = torch.float8_e4m3fn        # the one FP8 format of DeepSeek-V3 (§3.3.2): 1 sign, 4 exponent, 3 mantissa bits
 FP8_MAX = 448.0                  # largest finite e4m3fn value: 1.75 · 2^8
@@ -176,7 +176,7 @@ def _check_tensor(fn, name, t, dtypes=None, ndim=None):
         _fail(fn, f"{name}.dim()", t.dim(), f"expected {ndim} dimensions (shape {tuple(t.shape)})")
     if not t.is_contiguous():
         _fail(fn, f"{name}.stride()", t.stride(), f"{name} must be contiguous (call .contiguous() first)")
-    if HAS_TRITON and not INTERPRET and not t.is_cuda:   # kernels compiled for the GPU cannot read host memory
+    if COMPILED and not t.is_cuda:                       # kernels compiled for the GPU cannot read host memory
         _fail(fn, f"{name}.device", t.device, "must be a CUDA tensor: on this machine Triton compiles the kernels "
               "for the GPU (they run on CPU tensors only through the interpreter, on a machine without a GPU); the "
               "PyTorch references (`act_quant_ref`, `fp8_gemm_ref`, ...) take CPU tensors")
@@ -348,15 +348,13 @@ def _fp8_gemm_tma_kernel(
     M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # persistent grid: each program walks tiles NUM_PROGRAMS apart
-    WARP_SPEC: tl.constexpr,     # let Triton split the loop into producer (TMA) and consumer (MMA) warps
     DEFER: tl.constexpr,         # apply step k's scales after issuing step k+1's MMA (BLOCK_N <= 128 only)
     HALVES: tl.constexpr,        # split the N tile into two halves with their own products (BLOCK_N <= 128 only)
 ):
     """Same mathematics as `_fp8_gemm_kernel`, Hopper-style: TMA tile loads and a persistent, grouped grid."""
     num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     nkb = K // BLOCK_K
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True,
-                         warp_specialize=WARP_SPEC):
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -405,7 +403,6 @@ def _fp8_gemm_tma_kernel(
 
 
 # --- notebooks/08_fp8_kernels.ipynb
-_COMPILED = HAS_TRITON and not INTERPRET
 _LAST_LAUNCH: dict = {}   # registers and spills of the last GEMM launch (read by benchmarks/fp8_gemm_gpu.py)
 
 
@@ -425,7 +422,7 @@ def _launch_gemm(a, a_s, b, b_s, out_dtype, cfg: dict, quant_a: bool = False, ue
             TensorDescriptor.from_tensor(a, [BM, BLOCK]), a_s,
             TensorDescriptor.from_tensor(b, [BN // 2 if halves else BN, BLOCK]), b_s, c,
             M, N, K, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK, GROUP_M=cfg.get("GROUP_M", 8), NUM_PROGRAMS=n_prog,
-            WARP_SPEC=cfg.get("WARP_SPEC", False), DEFER=cfg.get("DEFER", False), HALVES=halves, **opts)
+            DEFER=cfg.get("DEFER", False), HALVES=halves, **opts)
     else:
         k = _fp8_gemm_kernel[(tiles, split)](
             a, a_s, b, b_s, c, M, N, K, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK, GROUP_M=cfg.get("GROUP_M", 8),
@@ -473,7 +470,7 @@ def _select_config(a, b, quant_a, run):
     """Pick the kernel configuration: fixed small tiles in the interpreter, autotuned per M bucket on a GPU."""
     M, K = a.shape
     N = b.shape[0]
-    if not _COMPILED:
+    if not COMPILED:
         return dict(BLOCK_M=32 if M <= 32 else 64, BLOCK_N=128, num_warps=4)
     key = (1 << max(M - 1, 0).bit_length(), N, K, quant_a)        # M rounded up to a power of two
     if key not in _TUNED:
@@ -609,7 +606,7 @@ class FP8Linear(nn.Module):
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, scale_fmt=scale_fmt,
                     device=w.device)
-        quant = weight_quant if (w.is_cuda and _COMPILED) else weight_quant_ref
+        quant = weight_quant if (w.is_cuda and COMPILED) else weight_quant_ref
         layer.weight, layer.scale = quant(w.contiguous())
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone())
@@ -627,7 +624,7 @@ class FP8Linear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        if x.is_cuda and _COMPILED:
+        if x.is_cuda and COMPILED:
             y = fp8_linear(x.contiguous(), self.weight, self.scale, self.scale_fmt)
         else:
             out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
