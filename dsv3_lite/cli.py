@@ -47,10 +47,8 @@ def _config(a: argparse.Namespace):
     """TrainConfig from the command line; with --resume the checkpoint's config, then the flags given explicitly."""
     from dsv3_lite.train import TrainConfig, read_checkpoint
 
-    given = {k: getattr(a, k) for k in ("data", "seq_len", "batch_size", "steps", "warmup", "lr", "seed",
+    given = {k: getattr(a, k) for k in ("preset", "data", "seq_len", "batch_size", "steps", "warmup", "lr", "seed",
                                         "eval_every", "ckpt_every") if getattr(a, k, None) is not None}
-    if a.preset is not None:
-        given["preset"] = a.preset
     if a.resume:
         _, meta = read_checkpoint(Path(a.out) / "checkpoint.safetensors")
         return TrainConfig(**{**meta["config"], **given})
@@ -131,7 +129,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"training the tiny DeepSeek-V3 on Shakespeare for {a.minutes:g} minutes (Ctrl-C stops early and keeps "
           "the checkpoint)")
     trainer, status = _train(a)
-    model, tok = trainer.model.eval(), None
+    model = trainer.model.eval()
     from dsv3_lite.tokenizer import shakespeare_tokenizer
     tok = shakespeare_tokenizer()
     prompt = tok.encode("ROMEO:\n")

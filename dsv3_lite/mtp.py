@@ -132,22 +132,17 @@ def _mtp_key_map(model: Transformer) -> dict[str, list[tuple[str, int | None]]]:
     """Our MTP parameter name -> [(checkpoint key, expert row or None)] for every MTP parameter of `model`."""
     n = model.args.n_layers
     out = {}
-    for name, p in model.mtp.named_parameters():
+    for name, t in [*model.mtp.named_parameters(), *model.mtp.named_buffers()]:   # buffers: the gate's bias
         _, k, rest = name.split(".", 2)                         # layers.{k}.{rest} (inside model.mtp)
-        prefix = f"model.layers.{n + int(k)}."
-        if rest.startswith(("enorm.", "hnorm.", "eh_proj.")):
-            out[name] = [(prefix + rest, None)]
-        elif rest == "norm.weight":
-            out[name] = [(prefix + "shared_head.norm.weight", None)]
-        elif rest.startswith("block.ffn.experts.w"):            # stacked [E, ...] <- one key per expert
-            w = rest.rsplit(".", 1)[1]                          # w1 / w2 / w3
-            hf = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[w]
-            out[name] = [(f"{prefix}mlp.experts.{e}.{hf}.weight", e) for e in range(p.shape[0])]
+        rest = rest.removeprefix("block.")                      # the block's tensors sit directly in the layer
+        if rest == "norm.weight":
+            rest = "shared_head.norm.weight"                    # our `norm` is the checkpoint's shared_head.norm
+        key = hf_param_name(f"layers.{n + int(k)}.{rest}")      # enorm, hnorm, eh_proj keep their names
+        if rest.startswith("ffn.experts.w"):                    # stacked [E, ...] <- one key per expert
+            head, w = key.rsplit(".", 1)                        # ...mlp.experts, gate_proj / down_proj / up_proj
+            out[name] = [(f"{head}.{e}.{w}.weight", e) for e in range(t.shape[0])]
         else:
-            out[name] = [(hf_param_name(f"layers.{n + int(k)}." + rest.removeprefix("block.")), None)]
-    for name, _ in model.mtp.named_buffers():                   # the gate's routing bias (float32)
-        _, k, rest = name.split(".", 2)
-        out[name] = [(hf_param_name(f"layers.{n + int(k)}." + rest.removeprefix("block.")), None)]
+            out[name] = [(key, None)]
     return out
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3_lite.model import Transformer
+from dsv3_lite.model import Transformer, sample, top_p_probs
 
 
 def mtp_draft_step(model: Transformer, h: torch.Tensor, next_tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -33,17 +33,6 @@ def mtp_draft_step(model: Transformer, h: torch.Tensor, next_tokens: torch.Tenso
     return model.mtp.layers[0](h, emb, start_pos, freqs, "causal" if S > 1 else None)
 
 
-def _probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """softmax(logits / T) restricted to the top-p nucleus and renormalised: logits [..., V] -> probabilities."""
-    p = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        p_sorted, order = p.sort(dim=-1, descending=True)
-        outside = p_sorted.cumsum(-1) - p_sorted >= top_p
-        p = torch.zeros_like(p).scatter_(-1, order, p_sorted.masked_fill(outside, 0.0))
-        p = p / p.sum(-1, keepdim=True)
-    return p
-
-
 def verify_draft(p_logits: torch.Tensor, q_logits: torch.Tensor, draft: int, temperature: float = 0.0,
                  top_p: float = 1.0, generator: torch.Generator | None = None) -> tuple[bool, int]:
     """Accept or reject one drafted token. p_logits [V]: the main model at the draft's position; q_logits [V]: the
@@ -55,7 +44,7 @@ def verify_draft(p_logits: torch.Tensor, q_logits: torch.Tensor, draft: int, tem
     if temperature == 0:
         best = int(p_logits.argmax())
         return best == draft, best
-    p, q = _probs(p_logits, temperature, top_p), _probs(q_logits, temperature, top_p)
+    p, q = top_p_probs(p_logits, temperature, top_p), top_p_probs(q_logits, temperature, top_p)   # [V] each
     u = torch.rand((), generator=generator, device=p.device)
     if q[draft] > 0 and u * q[draft] <= p[draft]:
         return True, draft
@@ -100,8 +89,8 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
         raise ValueError(f"speculative_generate: prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) + 1 draft "
                          f"position = {n + max_new_tokens + 1} is not allowed: at most max_seq_len = {limit}")
     device = model.head.weight.device
-    pick = (lambda logits: int(logits.argmax())) if temperature == 0 else \
-        (lambda logits: int(torch.multinomial(_probs(logits, temperature, top_p), 1, generator=generator)))
+    def pick(logits: torch.Tensor) -> int:                                              # logits [V] -> token
+        return int(sample(logits[None], temperature, top_p, generator))
     stats, cache_len = SpeculativeStats(), n + max_new_tokens
     mtp_attn = model.mtp.layers[0].block.attn
     model.setup_cache(1, cache_len)

@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_lite.config import ModelArgs
-from dsv3_lite.data.tokens import eval_windows, load_splits, sample_windows
+from dsv3_lite.data.tokens import TokenFile, eval_windows, load_splits, sample_windows
 from dsv3_lite.model import Transformer
 from dsv3_lite.moe import Gate, expert_load, sequence_balance_loss, update_bias
 from dsv3_lite.mtp import add_mtp, mtp_logits, mtp_loss
+from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
 
 
 @dataclasses.dataclass
@@ -221,14 +222,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta)
 
 
+def _build_model(args: ModelArgs) -> Transformer:
+    """A freshly initialised `Transformer(args)`, with its MTP module when `args.n_mtp_layers` > 0."""
+    model = Transformer(args)
+    return add_mtp(model) if args.n_mtp_layers else model
+
+
+def _model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict out of a checkpoint's tensors (`model.{name}` -> `{name}`)."""
+    return {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+
+
 def load_model(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
     """The model (with its MTP module) of a training checkpoint, in eval mode, and the checkpoint's metadata."""
     tensors, meta = read_checkpoint(path)
-    args = ModelArgs(**meta["model_args"])
-    model = Transformer(args)
-    if args.n_mtp_layers:
-        add_mtp(model)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    model = _build_model(ModelArgs(**meta["model_args"]))
+    model.load_state_dict(_model_state(tensors))
     return model.eval(), meta
 
 
@@ -254,13 +263,12 @@ class Trainer:
         self.ckpt_path = self.out_dir / "checkpoint.safetensors" if self.out_dir is not None else None
         torch.manual_seed(cfg.seed)
         self.args = cfg.model_args()
-        self.model = Transformer(self.args)
-        if self.args.n_mtp_layers:
-            add_mtp(self.model)
-        self.model.train()
+        self.model = _build_model(self.args).train()
         self.optimizer, self.param_names = make_optimizer(self.model, cfg)
         self.recorder = RouterRecorder(self.model)
         self.train_tokens, self.val_tokens, self.chars_per_token = load_splits(cfg.data, cfg.val_fraction)
+        self.tokenizer_path = str(SHAKESPEARE_TOKENIZER_FILE) if cfg.data is None else \
+            TokenFile(Path(cfg.data) / "train.bin").header.get("tokenizer")     # saved with every checkpoint
         self.gen = torch.Generator().manual_seed(cfg.seed)                  # batch order
         self.step, self.tokens_seen, self.interrupted, self._last_saved = 0, 0, False, None
         self.history: dict[str, list] = {"step": [], "loss": [], "main": [], "mtp": [], "balance": [], "lr": [],
@@ -332,14 +340,7 @@ class Trainer:
     def _meta(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.cfg), "model_args": dataclasses.asdict(self.args),
                 "step": self.step, "tokens_seen": self.tokens_seen, "history": self.history,
-                "chars_per_token": self.chars_per_token, "tokenizer": self._tokenizer_path()}
-
-    def _tokenizer_path(self) -> str | None:
-        if self.cfg.data is None:
-            from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
-            return str(SHAKESPEARE_TOKENIZER_FILE)
-        from dsv3_lite.data.tokens import TokenFile
-        return TokenFile(Path(self.cfg.data) / "train.bin").header.get("tokenizer")
+                "chars_per_token": self.chars_per_token, "tokenizer": self.tokenizer_path}
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.ckpt_path
@@ -362,7 +363,7 @@ class Trainer:
             raise ValueError(f"resume: {path} was written by another configuration ({'; '.join(diff)}). Resume "
                              f"with the checkpoint's settings, or start a new run in another --out folder (only "
                              f"{', '.join(RESUME_MAY_CHANGE)} may change)")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.model.load_state_dict(_model_state(tensors))
         state = self.optimizer.state_dict()
         names = meta["optimizer"]["param_names"]
         if names != self.param_names:

@@ -99,16 +99,26 @@ def test_bad_input(tmp_path):
         TokenFile(bad)
 
 
-def test_windows(tmp_path):
+def test_windows():
     tokens = np.arange(1000, dtype=np.uint16)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     x, y = sample_windows(tokens, 5, 17, g1)
     assert x.shape == y.shape == (5, 17) and x.dtype == torch.int64
     assert torch.equal(y, x + 1) and torch.equal(sample_windows(tokens, 5, 17, g2)[0], x)
     ex, ey = eval_windows(tokens, 4, 10)
-    assert ex[0, 0] == 0 and ey[-1, -1] == 999 and torch.equal(eval_windows(tokens, 4, 10)[0], ex)
+    starts = torch.tensor([0, 329, 659, 989])                  # linspace(0, 1000 - 11, 4), rounded down
+    assert ex.dtype == torch.int64 and torch.equal(ex, starts[:, None] + torch.arange(10)) and torch.equal(ey, ex + 1)
+    assert ex[0, 0] == 0 and ey[-1, -1] == 999                 # the first and the last token are both used
     with pytest.raises(ValueError, match="not enough"):
         sample_windows(tokens[:10], 1, 10, g1)
+
+
+def test_eval_windows_needs_one_window():
+    tokens = np.arange(11, dtype=np.uint16)
+    x, y = eval_windows(tokens, 3, 10)                         # exactly one window: every start is 0
+    assert torch.equal(x, torch.arange(10).expand(3, 10)) and torch.equal(y, x + 1)
+    with pytest.raises(ValueError, match=r"eval_windows: 10 tokens are not enough for one window of seq_len \+ 1 = 11"):
+        eval_windows(tokens[:10], 3, 10)
 
 
 def test_shakespeare_prepared_once(tmp_path, monkeypatch):

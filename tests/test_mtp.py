@@ -87,7 +87,7 @@ def _hf_checkpoint(tmp_path, seed=1):
     return hf, mtp, out
 
 
-def test_load_mtp_equals_transformers(tmp_path, capsys):
+def test_load_mtp_equals_transformers(tmp_path):
     hf, hf_mtp, tensors = _hf_checkpoint(tmp_path)
     save_file(tensors, tmp_path / "mtp.safetensors")
     ours = load_mtp(load_hf_checkpoint(tmp_path, dtype=torch.float32), tmp_path)

@@ -228,26 +228,31 @@ class TokenFile:
         return chars / tokens if tokens else float("nan")
 
 
+def _windows(tokens: np.ndarray, seq_len: int, starts, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of `seq_len + 1` tokens at `starts(n)` (n = len(tokens) − seq_len possible starts) -> x, y [B, S] int64.
+
+    Raises ValueError (naming `caller`) when the tokens do not hold one window."""
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"{caller}: {len(tokens)} tokens are not enough for one window of seq_len + 1 = "
+                         f"{seq_len + 1}")
+    rows = np.stack([tokens[s:s + seq_len + 1] for s in starts(len(tokens) - seq_len)])    # [B, S+1]
+    rows = torch.from_numpy(rows.astype(np.int64))
+    return rows[:, :-1], rows[:, 1:]
+
+
 def sample_windows(tokens: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_size` random windows of `seq_len + 1` tokens -> inputs x [B, S] and targets y [B, S] (x shifted by one),
     int64. Starts are uniform over the file, drawn from `generator` (checkpointed, so a resumed run continues the
     same stream)."""
-    if len(tokens) < seq_len + 1:
-        raise ValueError(f"sample_windows: {len(tokens)} tokens are not enough for one window of seq_len + 1 = "
-                         f"{seq_len + 1}")
-    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator).tolist()
-    rows = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))   # [B, S+1]
-    return rows[:, :-1], rows[:, 1:]
+    return _windows(tokens, seq_len, lambda n: torch.randint(0, n, (batch_size,), generator=generator).tolist(),
+                    "sample_windows")
 
 
 def eval_windows(tokens: np.ndarray, n: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` windows at evenly spaced, fixed starts (the same every evaluation) -> x, y [n, seq_len]."""
-    if len(tokens) < seq_len + 1:
-        raise ValueError(f"eval_windows: {len(tokens)} tokens are not enough for one window of {seq_len + 1}")
-    starts = np.linspace(0, len(tokens) - seq_len - 1, n).astype(np.int64)
-    rows = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
-    return rows[:, :-1], rows[:, 1:]
+    return _windows(tokens, seq_len, lambda n_starts: np.linspace(0, n_starts - 1, n).astype(np.int64),
+                    "eval_windows")
 
 
 # --- notebooks/10_training.ipynb
