@@ -124,14 +124,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     from dsv3_lite.model import generate
     from dsv3_lite.speculative import compare_decoding
+    from dsv3_lite.tokenizer import BPETokenizer
 
     a.resume, a.steps = False, None
-    print(f"training the tiny DeepSeek-V3 on Shakespeare for {a.minutes:g} minutes (Ctrl-C stops early and keeps "
-          "the checkpoint)")
+    print(f"training the tiny DeepSeek-V3 on {a.data or 'Shakespeare'} for {a.minutes:g} minutes (Ctrl-C stops early "
+          "and keeps the checkpoint)")
     trainer, status = _train(a)
     model = trainer.model.eval()
-    from dsv3_lite.tokenizer import shakespeare_tokenizer
-    tok = shakespeare_tokenizer()
+    if not trainer.tokenizer_path:                   # the data was prepared from a BPETokenizer object, not a file
+        raise ValueError(f"demo: the data {a.data} names no tokenizer file, so the demo cannot decode samples; the "
+                         f"checkpoint {trainer.ckpt_path} is saved: dsv3-lite generate --tokenizer PATH samples it")
+    tok = BPETokenizer.from_file(trainer.tokenizer_path)    # the tokenizer the data was prepared with (as `_load`)
     prompt = tok.encode("ROMEO:\n")
     g = torch.Generator().manual_seed(0)
     sample = generate(model, [prompt], 120, temperature=0.8, top_p=0.95, generator=g)[0]

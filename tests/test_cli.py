@@ -1,6 +1,7 @@
 """The `dsv3-lite` command (dsv3_lite.cli, notebook 10), run as `python -m dsv3_lite.cli` and in-process."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import time
 import pytest
 
 from dsv3_lite.cli import main
-from dsv3_lite.data import shakespeare
-from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
+from dsv3_lite.data import prepare, shakespeare
+from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE, BPETokenizer, shakespeare_tokenizer
 from dsv3_lite.train import read_checkpoint
 
 FAST = ["--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--threads", "1", "--quiet"]
@@ -108,3 +109,21 @@ def test_demo_runs(tmp_path):
     meta = read_checkpoint(tmp_path / "demo" / "checkpoint.safetensors")[1]
     assert meta["step"] >= 5 and meta["history"]["val"]
 
+
+def test_demo_samples_with_the_tokenizer_of_its_data(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.txt").write_text(shakespeare()[:60_000], encoding="utf-8")
+    tok_file = tmp_path / "my_tokenizer.json"
+    shutil.copy(SHAKESPEARE_TOKENIZER_FILE, tok_file)
+    prepare([tmp_path / "a.txt"], tok_file, tmp_path / "named", workers=1, progress=False)
+    prepare([tmp_path / "a.txt"], shakespeare_tokenizer(), tmp_path / "unnamed", workers=1, progress=False)
+    opened, from_file = [], BPETokenizer.from_file.__func__
+    monkeypatch.setattr(BPETokenizer, "from_file", classmethod(lambda cls, path: opened.append(str(path))
+                                                                or from_file(cls, path)))
+    demo = ["demo", "--minutes", "0.03", "--seq-len", "32", "--batch-size", "2", "--threads", "1", "--quiet"]
+    assert main([*demo, "--data", str(tmp_path / "named"), "--out", str(tmp_path / "run1")]) == 0
+    assert opened == [str(tok_file.resolve())]                 # the data's tokenizer, not the bundled one
+    assert "--- sample" in capsys.readouterr().out
+    assert main([*demo, "--data", str(tmp_path / "unnamed"), "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv3-lite demo: error: demo: the data") and "names no tokenizer file" in err
+    assert (tmp_path / "run2" / "checkpoint.safetensors").is_file()          # the trained model is kept
