@@ -19,19 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from model_cpu import ARGS
+from timing import cpu_name
 
 from dsv3_lite import Transformer
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def per_call_us(fns, reps=3):
@@ -86,7 +76,7 @@ def main():
                                                               "aten::baddbmm"))
     calls = sum(e.count for e in ev if e.key.startswith("aten::")) / 50
     rec = {"benchmark": "benchmarks/cpu_decode_profile.py", "date": datetime.date.today().isoformat(),
-           "machine": {"cpu": cpu_model(), "threads": 1,
+           "machine": {"cpu": cpu_name(), "threads": 1,
                        "cpu_count": os.cpu_count(), "loadavg_1min": round(os.getloadavg()[0], 2)},
            "versions": {"torch": torch.__version__, "python": platform.python_version()},
            "decode_step_ms_median": round(step_ms, 2),

@@ -1,7 +1,10 @@
-"""Timing helper shared by the benchmark scripts: median of `triton.testing.do_bench` on CUDA (it flushes L2 between
-calls, shared/reference/gpu_anchors.md §11), median of three wall-clock runs on CPU (for the scripts' --small checks)."""
+"""Helpers shared by the benchmark scripts: `median_ms`, the median of `triton.testing.do_bench` on CUDA (it flushes L2
+between calls, shared/reference/gpu_anchors.md §11) or of three wall-clock runs on CPU (for the scripts' --small
+checks); `cpu_name`, the CPU model recorded with CPU results."""
 
+import platform
 import time
+from pathlib import Path
 
 
 def median_ms(fn, device: str, rep_ms: int = 200) -> float:
@@ -17,3 +20,14 @@ def median_ms(fn, device: str, rep_ms: int = 200) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[1]
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

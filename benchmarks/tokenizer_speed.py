@@ -30,6 +30,7 @@ from pathlib import Path  # noqa: E402
 
 import regex  # noqa: E402
 import tokenizers  # noqa: E402
+from timing import cpu_name  # noqa: E402  (benchmarks/timing.py)
 
 from dsv3_lite.data import shakespeare  # noqa: E402
 from dsv3_lite.tokenizer import BPETokenizer, deepseek_v3_tokenizer_file, load_tokenizer  # noqa: E402
@@ -48,16 +49,6 @@ def timed(fn, repeats: int, setup=None) -> tuple[float, float, object]:
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
     return statistics.median(walls), statistics.median(cpus), out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
