@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fp8_gemm_gpu import SHAPES, cublas_blockwise  # noqa: E402  (benchmarks/fp8_gemm_gpu.py)
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+from timing import gpu_warmup, median_ms  # noqa: E402  (benchmarks/timing.py)
 
 from dsv3_lite.kernels import fp8 as F8  # noqa: E402
 
@@ -37,7 +37,13 @@ def build():
     """Define the Gluon kernel (import inside: Gluon needs a GPU build of Triton)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
 
     @gluon.jit
     def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
@@ -260,8 +266,179 @@ def build():
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
 
+    @gluon.jit
+    def ws2_math(c_desc, a_smem, b_smem, c_smem, ready, empty, A_s, B_s, C, M, N, K, GROUP_M: gl.constexpr,
+                 STAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr, ASYNC: gl.constexpr, TMA_STORE: gl.constexpr,
+                 WG: gl.constexpr):
+        """One math warp group (4 warps) of round 6: rows WG*64 .. WG*64+63 of every (NUM_WG*64)x128 tile.
+        Each group has its own accumulator and instruction stream, so while one promotes (CUDA cores) another's
+        `wgmma` can keep the tensor cores busy. ASYNC: also try to overlap within the group (issue step k+1, promote
+        k; ptxas serialises it, C7514). TMA_STORE: write the tile through shared memory with an asynchronous TMA
+        store that overlaps the next tile's products, instead of `gl.store` from registers."""
+        HALF: gl.constexpr = a_smem.type.shape[1]                   # 64 rows per math warp group
+        NUM_WG: gl.constexpr = a_smem.type.shape[0] // STAGES
+        BLOCK_N: gl.constexpr = b_smem.type.shape[1]
+        BLOCK_K: gl.constexpr = b_smem.type.shape[2]
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        num_pid_m = gl.cdiv(M, NUM_WG * HALF)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        nkb = K // BLOCK_K
+        zero = gl.zeros((HALF, BLOCK_N), gl.float32, layout=mma)
+        c = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+            pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            row0 = pid_m * NUM_WG * HALF + WG * HALF
+            rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
+            rm = gl.where(rows < M, rows, 0)
+            acc = gl.zeros((HALF, BLOCK_N), gl.float32, layout=mma)
+            if ASYNC:
+                s = c % STAGES
+                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+                prev = warpgroup_mma(a_smem.index(NUM_WG * s + WG), b_smem.index(s).permute((1, 0)), zero,
+                                     use_acc=False, is_async=True)
+                prev_s = s
+                s_prev = gl.load(A_s + rm * nkb) * gl.load(B_s + pid_n * nkb)
+                c += 1
+                for kb in range(1, nkb):
+                    s = c % STAGES
+                    mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+                    cur = warpgroup_mma(a_smem.index(NUM_WG * s + WG), b_smem.index(s).permute((1, 0)), zero,
+                                        use_acc=False, is_async=True)
+                    s_cur = gl.load(A_s + rm * nkb + kb) * gl.load(B_s + pid_n * nkb + kb)
+                    done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
+                    mbarrier.arrive(empty.index(prev_s), count=1)
+                    acc = acc + done * s_prev[:, None]
+                    s_prev = s_cur
+                    prev = cur
+                    prev_s = s
+                    c += 1
+                done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+                mbarrier.arrive(empty.index(prev_s), count=1)
+                acc = acc + done * s_prev[:, None]
+            else:
+                for kb in range(nkb):
+                    s = c % STAGES
+                    mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+                    part = warpgroup_mma(a_smem.index(NUM_WG * s + WG), b_smem.index(s).permute((1, 0)), zero,
+                                         use_acc=False, is_async=True)
+                    sc = gl.load(A_s + rm * nkb + kb) * gl.load(B_s + pid_n * nkb + kb)
+                    part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                    mbarrier.arrive(empty.index(s), count=1)
+                    acc = acc + part * sc[:, None]
+                    c += 1
+            if TMA_STORE:
+                tma.store_wait(pendings=0)                             # the previous tile has left c_smem
+                c_smem.index(WG).store(acc.to(c_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(c_desc, [row0, pid_n * BLOCK_N], c_smem.index(WG))
+            else:
+                cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+                gl.store(C + rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty),
+                         mask=(rows[:, None] < M) & (cols[None, :] < N))
+        if TMA_STORE:
+            tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def ws2_loader(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M: gl.constexpr,
+                   STAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr):
+        """Loader of round 6 (the default partition; Triton 3.6 fails to lower a partition that is handed tensor
+        descriptors it does not use, so the math partitions get only the output one): per K step, the NUM_WG
+        64-row slices of the A tile and the shared B tile."""
+        HALF: gl.constexpr = a_desc.block_type.shape[0]
+        NUM_WG: gl.constexpr = a_smem.type.shape[0] // STAGES
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        nbytes: gl.constexpr = NUM_WG * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        num_pid_m = gl.cdiv(M, NUM_WG * HALF)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        nkb = K // BLOCK_K
+        c = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
+            pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            for kb in range(nkb):
+                s = c % STAGES
+                mbarrier.wait(empty.index(s), (c // STAGES) & 1)           # every math group released buffer s
+                bar = ready.index(s)
+                mbarrier.expect(bar, nbytes)
+                for w in gl.static_range(NUM_WG):
+                    tma.async_copy_global_to_shared(a_desc, [(pid_m * NUM_WG + w) * HALF, kb * BLOCK_K], bar,
+                                                    a_smem.index(NUM_WG * s + w))
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, kb * BLOCK_K], bar, b_smem.index(s))
+                c += 1
+
+    @gluon.jit
+    def ws2_kernel(a_desc, b_desc, c_desc, A_s, B_s, C, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                   NUM_PROGRAMS: gl.constexpr, NUM_WG: gl.constexpr, ASYNC: gl.constexpr, TMA_STORE: gl.constexpr,
+                   MATH_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Round 6: persistent, warp-specialised: a loader partition and NUM_WG (2 or 3) independent math groups."""
+        HALF: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_WG * STAGES, HALF, BLOCK_K], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        if TMA_STORE:
+            c_smem = gl.allocate_shared_memory(c_desc.dtype, [NUM_WG, HALF, BLOCK_N], c_desc.layout)
+        else:
+            c_smem = gl.allocate_shared_memory(c_desc.dtype, [NUM_WG, 8, BLOCK_N], c_desc.layout)  # unused
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=NUM_WG)                        # one arrival per math group
+            mbarrier.arrive(empty.index(i), count=NUM_WG)                      # every buffer starts free
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        WG2: gl.constexpr = 2
+        if NUM_WG == 2:
+            gl.warp_specialize([
+                (ws2_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
+                (ws2_math, (c_desc, a_smem, b_smem, c_smem, ready, empty, A_s, B_s, C, M, N, K, GROUP_M, STAGES,
+                            NUM_PROGRAMS, ASYNC, TMA_STORE, WG0)),
+                (ws2_math, (c_desc, a_smem, b_smem, c_smem, ready, empty, A_s, B_s, C, M, N, K, GROUP_M, STAGES,
+                            NUM_PROGRAMS, ASYNC, TMA_STORE, WG1)),
+            ], [4, 4], [MATH_REGS, MATH_REGS])
+        else:
+            gl.warp_specialize([
+                (ws2_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, GROUP_M, STAGES, NUM_PROGRAMS)),
+                (ws2_math, (c_desc, a_smem, b_smem, c_smem, ready, empty, A_s, B_s, C, M, N, K, GROUP_M, STAGES,
+                            NUM_PROGRAMS, ASYNC, TMA_STORE, WG0)),
+                (ws2_math, (c_desc, a_smem, b_smem, c_smem, ready, empty, A_s, B_s, C, M, N, K, GROUP_M, STAGES,
+                            NUM_PROGRAMS, ASYNC, TMA_STORE, WG1)),
+                (ws2_math, (c_desc, a_smem, b_smem, c_smem, ready, empty, A_s, B_s, C, M, N, K, GROUP_M, STAGES,
+                            NUM_PROGRAMS, ASYNC, TMA_STORE, WG2)),
+            ], [4, 4, 4], [MATH_REGS, MATH_REGS, MATH_REGS])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+            mbarrier.invalidate(empty.index(i))
+
+    def launch2(a, a_s, b, b_s, out_dtype=torch.bfloat16, STAGES=4, GROUP_M=8, num_wg=2, asynchronous=False,
+                tma_store=False, math_regs=232, maxnreg=168):
+        """Round 6 launcher: (num_wg*64)x128 tiles split in 64-row slices, one per math warp group."""
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        M, K = a.shape
+        N = b.shape[0]
+        c = a.new_empty(M, N, dtype=out_dtype)
+        gl_out = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[out_dtype]
+        a_desc = TensorDescriptor.from_tensor(a, [64, 128], gl.NVMMASharedLayout.get_default_for(
+            [64, 128], gl.float8e4nv))
+        b_desc = TensorDescriptor.from_tensor(b, [128, 128], gl.NVMMASharedLayout.get_default_for(
+            [128, 128], gl.float8e4nv))
+        c_desc = TensorDescriptor.from_tensor(c, [64, 128], gl.NVMMASharedLayout.get_default_for([64, 128], gl_out))
+        ring = num_wg * 64 * 128 + 128 * 128                   # bytes of one stage (fp8 A slices + B tile)
+        out_tile = num_wg * 64 * 128 * c.element_size() if tma_store else 0
+        STAGES = min(STAGES, (227 * 1024 - 1024 - out_tile) // ring)  # fit shared memory (float32 output: fewer)
+        tiles = F8._cdiv(M, 64 * num_wg) * F8._cdiv(N, 128)
+        n_prog = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count)
+        k = ws2_kernel[(n_prog,)](a_desc, b_desc, c_desc, a_s, b_s, c, M, N, K, GROUP_M=GROUP_M, STAGES=STAGES,
+                                  NUM_PROGRAMS=n_prog, NUM_WG=num_wg, ASYNC=asynchronous, TMA_STORE=tma_store,
+                                  MATH_REGS=math_regs, num_warps=4, maxnreg=maxnreg)
+        return c, getattr(k, "n_regs", None), getattr(k, "n_spills", None), k
+
     def launch(a, a_s, b, b_s, out_dtype=torch.bfloat16, BLOCK_M=128, STAGES=4, num_warps=8, GROUP_M=8, ws=False,
-               per_sm=1, load_only=False, mma_only=False, unit_scales=False):
+               per_sm=1, load_only=False, mma_only=False, unit_scales=False, ws2=None):
+        if ws2 is not None:                                     # round 6: ws2 holds launch2's keyword arguments
+            return launch2(a, a_s, b, b_s, out_dtype, STAGES=STAGES, GROUP_M=GROUP_M, **ws2)[:3]
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         M, K = a.shape
         N = b.shape[0]
@@ -281,6 +458,7 @@ def build():
                                  num_warps=num_warps)
         return c, getattr(k, "n_regs", None), getattr(k, "n_spills", None)
 
+    launch.launch2 = launch2
     return launch
 
 
@@ -302,7 +480,21 @@ CONFIGS = {"gluon_128x128_w8_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4),
            "probe_mma_only_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, mma_only=True),
            # probe: the full promotion loop with scale 1 instead of loading the scales (wrong numbers): what the
            # scale loads cost
-           "probe_unit_scales_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, unit_scales=True)}
+           "probe_unit_scales_128x128_s4": dict(BLOCK_M=128, num_warps=8, STAGES=4, ws=True, unit_scales=True),
+           # round 6: independent math warp groups (64 rows each, 2 or 3 of them) + a loader partition; sync = wait
+           # for each product before promoting it (another group fills the tensor cores meanwhile), async = also
+           # overlap in-group (ptxas serialises it anyway: C7514); tma = epilogue through shared memory + TMA store
+           "gluon_ws2_sync_s4": dict(STAGES=4, ws2=dict(asynchronous=False)),
+           "gluon_ws2_async_s4": dict(STAGES=4, ws2=dict(asynchronous=True)),
+           "gluon_ws2_tma_s4": dict(STAGES=4, ws2=dict(tma_store=True)),
+           "gluon_ws2_tma_s3": dict(STAGES=3, ws2=dict(tma_store=True)),
+           "gluon_ws3_tma_s3": dict(STAGES=3, ws2=dict(num_wg=3, tma_store=True, math_regs=152, maxnreg=128)),
+           # (stages above what fits in shared memory are cut: 4 stages for bf16 output, 3 for float32)
+           "gluon_ws3_tma_s4": dict(STAGES=4, ws2=dict(num_wg=3, tma_store=True, math_regs=152, maxnreg=128)),
+           "gluon_ws3_tma_s4_g4": dict(STAGES=4, GROUP_M=4, ws2=dict(num_wg=3, tma_store=True, math_regs=152,
+                                                                      maxnreg=128)),
+           "gluon_ws3_tma_s4_g16": dict(STAGES=4, GROUP_M=16, ws2=dict(num_wg=3, tma_store=True, math_regs=152,
+                                                                        maxnreg=128))}
 
 
 def main():
@@ -323,6 +515,7 @@ def main():
                         "python": platform.python_version()},
            "date": datetime.date.today().isoformat(), "configs": CONFIGS, "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    gpu_warmup()
     for M in map(int, args.m.split(",")):
         for layer in args.shapes.split(","):
             N, K = SHAPES[layer]

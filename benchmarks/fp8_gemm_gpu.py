@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+from timing import gpu_warmup, median_ms  # noqa: E402  (benchmarks/timing.py)
 
 from dsv3_lite.kernels import fp8 as F8  # noqa: E402
 
@@ -41,7 +41,7 @@ SHAPES = {  # name: (N, K)
     "dense_w13": (18432, 7168), "dense_w2": (7168, 18432), "expert_w1": (2048, 7168), "expert_w2": (7168, 2048),
     "head": (129280, 7168),
 }
-MS = (64, 128, 512, 4096, 16384)
+MS = (64, 128, 512, 2048, 4096, 16384)
 
 
 def cublas_blockwise(aq, a_s, bq, b_s, out_dtype=torch.bfloat16):
@@ -266,6 +266,7 @@ def main() -> None:
         save()
 
     results = []
+    gpu_warmup()
     for M in map(int, args.ms.split(",")):
         for name, (N, K) in SHAPES.items():
             case = Case(M, N, K)

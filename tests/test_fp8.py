@@ -5,6 +5,8 @@ on a CUDA GPU the same tests run the compiled kernels. Quantisers must match the
 the GEMM must match a float64 product of the dequantised operands up to float32 summation order.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -134,6 +136,32 @@ def test_gemm_kernel_variants(cfg):
     b, b_s = F.weight_quant(torch.randn(320, 384, device=DEV))
     ref = dequant_a(a, a_s) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T
     assert rel(F._launch_gemm(a, a_s, b, b_s, torch.float32, cfg), ref) < TOL32
+
+
+def test_gluon_kernel_compiles_for_hopper():
+    """The Gluon GEMM runs only on an sm_90 GPU, which CI lacks: compile it for sm_90a on the CPU instead (Triton's
+    front end, its MLIR passes and ptxas all run on the host), so a Triton upgrade that breaks it fails here."""
+    gl = pytest.importorskip("triton.experimental.gluon.language", reason="this Triton has no Gluon dialect")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(block, dtype, name):
+        return f"tensordesc<{name}[{block[0]}, {block[1]}],{gl.NVMMASharedLayout.get_default_for(block, dtype)!r}>"
+
+    sig = {"a_desc": desc([64, 128], gl.float8e4nv, "fp8e4nv"), "b_desc": desc([128, 128], gl.float8e4nv, "fp8e4nv"),
+           "c_desc": desc([64, 128], gl.bfloat16, "bf16"), "A_s": "*fp32", "B_s": "*fp32", "M": "i32", "N": "i32",
+           "K": "i32", "GROUP_M": "constexpr", "STAGES": "constexpr", "NUM_PROGRAMS": "constexpr",
+           "MATH_REGS": "constexpr"}
+    consts = {"GROUP_M": 8, "STAGES": 4, "NUM_PROGRAMS": 132, "MATH_REGS": 152}
+    src = GluonASTSource(F._gluon_gemm_kernel(), sig, {(list(sig).index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 128})
+    ptx = k.asm["ptx"]
+    assert k.asm["cubin"]                                                 # ptxas accepted it
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 3 * 4  # 3 groups x 4 k32 steps
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+152;", ptx)    # the math groups' register budget
+    assert k.metadata.num_warps == 4 + 3 * 4                             # loader + three math warp groups
+    assert k.metadata.shared <= 227 * 1024                               # fits an sm_90 SM's shared memory
 
 
 @pytest.mark.parametrize("fmt", [None, "ue8m0"])

@@ -85,3 +85,39 @@ def test_fp8_model_compiled_equals_reference_path():
     assert rel(ref, exact) < 0.0625 and rel(logits, exact) < 0.0625 and rel(steps.cpu(), exact) < 0.0625
     out = generate(gpu, [[1, 2, 3], [4, 5]], max_new_tokens=8)
     assert [len(o) for o in out] == [8, 8]
+
+
+gluon = pytest.mark.skipif(not F._gluon_available(), reason="the Gluon kernel needs an sm_90 (Hopper) GPU")
+
+
+@gluon
+@pytest.mark.parametrize("M,N,K", [(1, 256, 512), (193, 128, 128), (300, 576, 384), (2049, 7168, 2048),
+                                   (4100, 1536, 7168)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gluon_gemm_irregular_shapes(M, N, K, out_dtype):
+    """M not a multiple of the 192-row tile, N not a multiple of 128 (576 = wkv_a): zero-filled loads, clipped stores."""
+    torch.manual_seed(0)
+    a, a_s = F.act_quant(torch.randn(M, K, device="cuda"))
+    b, b_s = F.weight_quant(torch.randn(N, K, device="cuda"))
+    cfg = dict(kernel="gluon", BLOCK_M=F.GLUON_GROUPS * F.GLUON_ROWS, BLOCK_N=F.BLOCK, num_stages=4)
+    got = F._launch_gemm(a, a_s, b, b_s, out_dtype, cfg)
+    ref = (a.double() * a_s.double().repeat_interleave(128, -1)) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T
+    assert got.dtype == out_dtype and got.shape == (M, N)
+    # float32: the FP8 tensor cores' in-step accumulation (1.3e-4, as cuBLAS); bf16: one more rounding (~3e-3)
+    assert rel(got, ref) < (5e-4 if out_dtype == torch.float32 else 5e-3)
+
+
+@gluon
+def test_gluon_is_a_candidate_for_large_m_only():
+    def kernels(M, N, quant_a=False):
+        return [c.get("kernel") for c in F._candidates(M, N, 2048, quant_a)]
+    assert "gluon" in kernels(4096, 7168) and "gluon" in kernels(513, 576)
+    assert "gluon" not in kernels(512, 7168)              # small M: the tl kernels' smaller tiles fill the GPU
+    assert "gluon" not in kernels(4096, 7168, quant_a=True)  # fused act_quant exists only in the tl kernel
+    assert "gluon" not in kernels(4096, 100)              # C's rows must be 16-byte aligned for the TMA store
+    a, a_s = F.act_quant(torch.randn(4096, 2048, device="cuda"))
+    b, b_s = F.weight_quant(torch.randn(7168, 2048, device="cuda"))
+    got = F.fp8_gemm(a, a_s, b, b_s, torch.float32)       # whichever kernel the autotuner picked
+    ref = (a.double() * a_s.double().repeat_interleave(128, -1)) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T
+    print("autotuned:", F._TUNED[(4096, 7168, 2048, False)])
+    assert rel(got, ref) < 5e-4
