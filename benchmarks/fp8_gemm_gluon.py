@@ -9,8 +9,14 @@ TMA loads run up to STAGES steps ahead through a ring of shared-memory buffers w
 `CONFIGS` `gluon_ws_*` (round 5) add warp specialisation: one loader warp issues the TMA loads of every (tile, K step)
 of a persistent program, the math warps run the loop above and store each tile while the next one loads.
 
+`gluon_ws2_*`/`gluon_ws3_*` (round 6): a loader partition and two or three independent math warp groups, each owning
+64 rows of the tile and promoting its own product while another group's `wgmma` runs (the in-group overlap above is
+serialised by ptxas, message C7514); optionally an epilogue through shared memory and a TMA store. The three-group
+kernel with the TMA store is the one notebook 08 exports as `fp8_gemm`'s large-M path on Hopper.
+
 Same mathematics and numerics as the course kernel (promotion after every 128-wide K step). Needs an sm_90 GPU.
-Outcomes (benchmarks/fp8_gemm_notes.md, rounds 4-5): correct, and at most +10% over the course kernel on long K.
+Outcomes (benchmarks/fp8_gemm_notes.md, rounds 4-6): rounds 4-5 at most +10% over the course kernel on long K;
+round 6 0.81x (two groups) to 0.89x (three groups, TMA store) cuBLAS in geometric mean at M = 4096.
 `probe_*` CONFIGS are not GEMMs (wrong numbers on purpose): each removes one part of the warp-specialised kernel (the
 math, the promotion, the scale loads) to measure what that part costs.
 Usage: python benchmarks/fp8_gemm_gluon.py [--m 4096] [--out benchmarks/results/fp8_gemm_gluon_h200.json]
