@@ -153,13 +153,13 @@ def test_gluon_kernel_compiles_for_hopper():
            "c_desc": desc([64, 128], gl.bfloat16, "bf16"), "A_s": "*fp32", "B_s": "*fp32", "M": "i32", "N": "i32",
            "K": "i32", "GROUP_M": "constexpr", "STAGES": "constexpr", "NUM_PROGRAMS": "constexpr",
            "MATH_REGS": "constexpr"}
-    consts = {"GROUP_M": 8, "STAGES": 4, "NUM_PROGRAMS": 132, "MATH_REGS": 152}
+    consts = {"GROUP_M": 8, "STAGES": 4, "NUM_PROGRAMS": 132, "MATH_REGS": F.GLUON_MATH_REGS}
     src = GluonASTSource(F._gluon_gemm_kernel(), sig, {(list(sig).index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 128})
     ptx = k.asm["ptx"]
     assert k.asm["cubin"]                                                 # ptxas accepted it
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 3 * 4  # 3 groups x 4 k32 steps
-    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+152;", ptx)    # the math groups' register budget
+    assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{F.GLUON_MATH_REGS};", ptx)  # math groups' registers
     assert k.metadata.num_warps == 4 + 3 * 4                             # loader + three math warp groups
     assert k.metadata.shared <= 227 * 1024                               # fits an sm_90 SM's shared memory
 
