@@ -168,6 +168,12 @@ PRESETS["v3.1"] = dict(PRESETS["671B"], scale_fmt="ue8m0")  # V3.1 differs only 
 
 
 # --- notebooks/02_embeddings.ipynb
+def _yarn_m(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature m(s, mscale) = 0.1·mscale·ln s + 1 (1 when s <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# --- notebooks/02_embeddings.ipynb
 @dataclasses.dataclass(frozen=True)
 class ModelArgs:
     """Every size of a DeepSeek-V3 style model; field names as in the official `inference/model.py` `ModelArgs`.
@@ -233,12 +239,9 @@ class ModelArgs:
 
     @property
     def softmax_scale(self) -> float:
-        """Attention scale `qk_head_dim^-1/2 · m²` with `m = 0.1·mscale·ln(rope_factor) + 1` when YaRN is on."""
-        scale = self.qk_head_dim ** -0.5
-        if self.yarn_enabled and self.rope_factor > 1:
-            m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
-            scale = scale * m * m
-        return scale
+        """Attention scale `qk_head_dim^-1/2 · m²`, m = `_yarn_m(rope_factor, mscale)` when YaRN is on, else 1."""
+        m = _yarn_m(self.rope_factor, self.mscale) if self.yarn_enabled else 1.0
+        return self.qk_head_dim ** -0.5 * m * m
 
     def moe_layer(self, layer_id: int) -> bool:
         """True if block `layer_id` uses the mixture of experts (layers >= n_dense_layers)."""
@@ -294,11 +297,6 @@ def param_counts(a: ModelArgs) -> dict[str, int]:
 
 
 # --- notebooks/02_embeddings.ipynb
-def _yarn_m(factor: float, mscale: float) -> float:
-    """YaRN's attention temperature m(s, mscale) = 0.1·mscale·ln s + 1 (1 when s <= 1)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 def _hf_dict(config: str | Path | dict | Any) -> dict[str, Any]:
     if isinstance(config, dict):
         return dict(config)
