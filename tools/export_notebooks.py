@@ -19,6 +19,13 @@ Module docstrings come from the notebook: the `# NN · Title` heading and the `>
 from several notebooks, in notebook order; every other module is owned by exactly one notebook. The top-level
 docstring is `PACKAGE_DOC` below.
 
+What a generated module looks like: the docstring, the imports of all its cells gathered at the top (deduplicated and
+sorted the way ruff's isort rules expect), `__all__` (every public name the cells define, including names bound
+inside top-level `try`/`if` blocks), then each exported cell behind one marker naming its notebook and cell. A
+package `__init__` made only of `from dsv3_lite... import` lines is rendered lazily (PEP 562 `__getattr__`): the
+names are listed, and their modules are imported on first use, so `import dsv3_lite` (and `dsv3-lite --help`) loads
+no model code, PyTorch or Triton until a name is used.
+
 Usage: python tools/export_notebooks.py [--out DIR]   (default: the package folder beside this script)
 """
 
@@ -39,8 +46,8 @@ PACKAGE_DOC = """dsv3_lite: DeepSeek-V3 built from scratch, one notebook at a ti
 
 Each module is exported from a numbered notebook in `notebooks/` (its docstring names which); the notebooks explain
 the code, show it against real references (transformers' DeepseekV3, the real tokenizer, the published sizes) and
-measure it. Architecture facts and the places where the official code and transformers differ:
-shared/reference/deepseek_v3.md in the course repository.
+measure it. Architecture facts, published numbers and the places where the official code and transformers differ:
+docs/deepseek_v3.md in the course repository.
 
 Shape letters used in comments across the package:
     B batch · S new tokens · T cached + new tokens · H heads · D model width (dim)
@@ -55,7 +62,7 @@ DIRECTIVE = re.compile(r"^#\|\s*(\w+)(?:\s+(.*?))?\s*$")
 class Module:
     name: str  # dotted, relative to the package: "norm", "kernels.__init__", "__init__"
     docstring: str = ""
-    chunks: list[tuple[str, str]] = field(default_factory=list)  # (notebook name, cell source)
+    chunks: list[tuple[str, str, str]] = field(default_factory=list)  # (notebook, "notebooks/NB, cell N", source)
 
     @property
     def path(self) -> Path:
@@ -98,7 +105,7 @@ def collect(notebooks: list[Path]) -> dict[str, Module]:
     for nb in notebooks:
         cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
         default = None
-        for cell in cells:
+        for number, cell in enumerate(cells, start=1):
             if cell["cell_type"] != "code":
                 continue
             directives, code = _split_directives(_cell_source(cell))
@@ -115,28 +122,33 @@ def collect(notebooks: list[Path]) -> dict[str, Module]:
                                          "one notebook owns each module")
                     if target not in modules:
                         modules[target] = Module(target, "" if shared else _docstring(cells, nb))
-                    modules[target].chunks.append((nb.name, code))
+                    where = f"notebooks/{nb.name}, cell {number}" + (f" (id {cell['id']})" if cell.get("id") else "")
+                    modules[target].chunks.append((nb.name, where, code))
                 elif name not in {"hide", "eval"}:
                     raise SystemExit(f"{nb.name}: unknown directive '#| {name}' (known: default_exp, export, hide, eval)")
     return modules
 
 
 def _public_names(code: str) -> list[str]:
-    """Top-level functions, classes and assignments not starting with '_' (imports excluded), for `__all__`."""
+    """Public names a cell defines at module level, for `__all__`: functions, classes and assignments not starting
+    with '_' (imports excluded), also those bound inside top-level `if`/`try`/`with` blocks."""
     names = []
-    for node in ast.parse(code).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.append(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names += [t.id for t in targets if isinstance(t, ast.Name)]
-    return [n for n in names if not n.startswith("_")]
 
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.extend(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                for block in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, block, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
 
-def _split_future(code: str) -> tuple[list[str], str]:
-    lines = code.splitlines()
-    fut = [ln for ln in lines if ln.startswith("from __future__ import")]
-    return fut, "\n".join(ln for ln in lines if not ln.startswith("from __future__ import"))
+    visit(ast.parse(code).body)
+    return [n for n in dict.fromkeys(names) if not n.startswith("_")]
 
 
 def _own_docstring(code: str) -> tuple[str | None, str]:
@@ -149,30 +161,145 @@ def _own_docstring(code: str) -> tuple[str | None, str]:
     return None, code
 
 
+# ----- imports: gathered from every cell of a module, deduplicated and sorted the way ruff's isort rules expect
+
+@dataclass
+class Imports:
+    future: set[str] = field(default_factory=set)                          # names of `from __future__ import ...`
+    plain: dict[str, str] = field(default_factory=dict)                    # "import a.b as c" -> trailing comment
+    froms: dict[str, dict[str, str]] = field(default_factory=dict)         # module -> {"x as y": comment}
+
+    def take(self, code: str) -> str:
+        """Move the top-level import statements of `code` into this table; return the code without them."""
+        lines = code.splitlines()
+        drop = set()
+        for node in ast.parse(code).body:
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            last = lines[node.end_lineno - 1]
+            comment = last[node.end_col_offset:].strip()
+            comment = comment if comment.startswith("#") else ""
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    key = f"import {a.name}" + (f" as {a.asname}" if a.asname else "")
+                    self.plain[key] = self.plain.get(key) or comment
+            elif node.module == "__future__":
+                self.future.update(a.name for a in node.names)
+            else:
+                if node.level:
+                    raise SystemExit(f"relative import in an exported cell: {ast.unparse(node)}")
+                names = self.froms.setdefault(node.module, {})
+                for a in node.names:
+                    key = a.name + (f" as {a.asname}" if a.asname else "")
+                    names[key] = names.get(key) or comment
+            drop.update(range(node.lineno - 1, node.end_lineno))
+        return "\n".join(ln for i, ln in enumerate(lines) if i not in drop).strip("\n")
+
+    @staticmethod
+    def _section(module: str) -> int:
+        top = module.split(".")[0]
+        return 2 if top == PACKAGE else 0 if top in sys.stdlib_module_names else 1
+
+    @staticmethod
+    def _member_key(name: str) -> tuple[int, str]:
+        """isort's order-by-type: CONSTANTS, then Classes, then everything else (as ruff sorts `from` imports)."""
+        base = name.split(" as ")[0]
+        kind = 0 if len(base) > 1 and base.isupper() else 1 if base[:1].isupper() else 2
+        return kind, base.lower() if kind == 2 else base
+
+    def render(self) -> list[str]:
+        """The import block: one paragraph per section (standard library, third party, this package)."""
+        out: list[str] = []
+        if self.future:
+            out += [f"from __future__ import {', '.join(sorted(self.future))}", ""]
+        for section in range(3):
+            block = []
+            for key in sorted((k for k in self.plain if self._section(k.split()[1]) == section),
+                              key=lambda k: k.split()[1].lower()):
+                block.append(key + (f"  {self.plain[key]}" if self.plain[key] else ""))
+            for module in sorted((m for m in self.froms if self._section(m) == section), key=str.lower):
+                members = self.froms[module]
+                plain = sorted((n for n in members if " as " not in n), key=self._member_key)
+                comment = next((members[n] for n in plain if members[n]), "")
+                line = f"from {module} import {', '.join(plain)}"
+                if not plain:
+                    pass
+                elif len(line) + len(comment) + 2 > 120:
+                    block += [f"from {module} import ({'  ' + comment if comment else ''}",
+                              *(f"    {n}," for n in plain), ")"]
+                else:
+                    block.append(line + (f"  {comment}" if comment else ""))
+                for n in sorted((n for n in members if " as " in n), key=self._member_key):  # one line per alias
+                    block.append(f"from {module} import {n}" + (f"  {members[n]}" if members[n] else ""))
+            if block:
+                out += [*block, ""]
+        return out
+
+
+def _lazy_reexports(mod: Module) -> dict[str, tuple[str, str]] | None:
+    """For a package `__init__` made only of `from dsv3_lite.x import Name` lines: {name: (module, marker)}."""
+    table = {}
+    for _, where, code in mod.chunks:
+        for node in ast.parse(code).body:
+            if not (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE):
+                return None
+            for a in node.names:
+                table[a.asname or a.name] = (node.module, where)
+    return table or None
+
+
+def _render_lazy(mod: Module, table: dict[str, tuple[str, str]]) -> str:
+    """A package `__init__` that lists its names and imports each one's module on first use (PEP 562)."""
+    package = ".".join([PACKAGE, *mod.name.split(".")[:-1]])
+    out = [f'"""{mod.docstring}\n"""', MARK, "import importlib", "from typing import TYPE_CHECKING", ""]
+    out.append("__all__ = [" + ", ".join(repr(n) for n in table) + "]")
+    out += ["", "if TYPE_CHECKING:  # static analysers and IDEs see the real imports"]
+    by_module: dict[str, list[str]] = {}
+    for name, (module, _) in table.items():
+        by_module.setdefault(module, []).append(name)
+    for module in sorted(by_module, key=str.lower):
+        out.append(f"    from {module} import {', '.join(sorted(by_module[module], key=Imports._member_key))}")
+    out += ["", "_MODULE_OF = {  # public name -> the module that defines it, imported on first use"]
+    last = None
+    for name, (module, where) in table.items():
+        if where != last:
+            out.append(f"    # --- {where}")
+            last = where
+        out.append(f"    {name!r}: {module!r},")
+    out += ["}", "", "",
+            "def __getattr__(name: str):",
+            f'    """`{package}.<name>`: import the module that defines `name` on first use, then keep it here."""',
+            "    if name not in _MODULE_OF:",
+            f'        raise AttributeError(f"module {package!r} has no attribute {{name!r}}")',
+            "    value = getattr(importlib.import_module(_MODULE_OF[name]), name)",
+            "    globals()[name] = value",
+            "    return value",
+            "", "",
+            "def __dir__() -> list[str]:",
+            "    return sorted(set(globals()) | set(__all__))"]
+    return "\n".join(out) + "\n"
+
+
 def render(mod: Module) -> str:
-    futures, parts = [], []
     if mod.chunks:
-        doc, first = _own_docstring(mod.chunks[0][1])
+        doc, first = _own_docstring(mod.chunks[0][2])
         if doc:
             mod.docstring = f"{doc}\n\nGenerated from notebooks/{mod.chunks[0][0]}."
-            mod.chunks[0] = (mod.chunks[0][0], first)
-    for nb, code in mod.chunks:
-        fut, rest = _split_future(code)
-        futures += [f for f in fut if f not in futures]
-        parts.append(f"# --- notebooks/{nb}\n{rest.strip()}")
-    body = "\n\n\n".join(parts)
-    out = [f'"""{mod.docstring}\n"""', MARK, *futures, ""]
-    if mod.name.split(".")[-1] == "__init__":
-        names = []  # a package __init__ lists what it re-exports: the names bound by its imports
-        for node in ast.parse(body).body:
-            if isinstance(node, ast.ImportFrom):
-                names += [a.asname or a.name for a in node.names]
-        names += _public_names(body)
-    else:
-        names = _public_names(body)
+            mod.chunks[0] = (*mod.chunks[0][:2], first)
+    if mod.name.split(".")[-1] == "__init__" and (table := _lazy_reexports(mod)):
+        return _render_lazy(mod, table)
+    imports, parts, names = Imports(), [], []
+    for _, where, code in mod.chunks:
+        names += _public_names(code)
+        rest = imports.take(code)
+        if rest:
+            parts.append(f"# --- {where}\n{rest}")
+    out = [f'"""{mod.docstring}\n"""', MARK, *imports.render()]
+    names = list(dict.fromkeys(names))
     if names:
-        out.append("__all__ = [" + ", ".join(repr(n) for n in names) + "]\n")
-    out.append(body)
+        out += ["__all__ = [" + ", ".join(repr(n) for n in names) + "]", ""]
+    if parts:
+        out += ["", "\n\n\n".join(parts)]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -190,7 +317,7 @@ def _package_inits(modules: dict[str, Module]) -> dict[str, Module]:
     extra.get("__init__", modules.get("__init__")).docstring = PACKAGE_DOC.strip()
     for name, mod in modules.items():  # sub-package __init__ files written by notebooks: say where they come from
         if name != "__init__" and name.endswith(".__init__") and not mod.docstring:
-            sources = ", ".join(dict.fromkeys(f"notebooks/{nb}" for nb, _ in mod.chunks))
+            sources = ", ".join(dict.fromkeys(f"notebooks/{nb}" for nb, _, _ in mod.chunks))
             mod.docstring = f"The `{PACKAGE}.{name[:-len('.__init__')]}` sub-package. Generated from {sources}."
     return extra
 
