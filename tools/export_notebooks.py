@@ -21,10 +21,10 @@ docstring is `PACKAGE_DOC` below.
 
 What a generated module looks like: the docstring, the imports of all its cells gathered at the top (deduplicated and
 sorted the way ruff's isort rules expect), `__all__` (every public name the cells define, including names bound
-inside top-level `try`/`if` blocks), then each exported cell behind one marker naming its notebook and cell. A
-package `__init__` made only of `from dsv3_lite... import` lines is rendered lazily (PEP 562 `__getattr__`): the
-names are listed, and their modules are imported on first use, so `import dsv3_lite` (and `dsv3-lite --help`) loads
-no model code, PyTorch or Triton until a name is used.
+inside top-level `try`/`if` blocks), then each exported cell behind one marker naming its notebook and cell. The
+top-level `__init__` (only `from dsv3_lite... import` lines) is rendered lazily (PEP 562 `__getattr__`): the names
+are listed, and their modules are imported on first use, so `import dsv3_lite` (and `dsv3-lite --help`) loads no
+model code, PyTorch or Triton until a name is used.
 
 Usage: python tools/export_notebooks.py [--out DIR]   (default: the package folder beside this script)
 """
@@ -237,7 +237,7 @@ class Imports:
 
 
 def _lazy_reexports(mod: Module) -> dict[str, tuple[str, str]] | None:
-    """For a package `__init__` made only of `from dsv3_lite.x import Name` lines: {name: (module, marker)}."""
+    """For an `__init__` made only of `from dsv3_lite.x import Name` lines: {name: (module, marker)}."""
     table = {}
     for _, where, code in mod.chunks:
         for node in ast.parse(code).body:
@@ -249,8 +249,8 @@ def _lazy_reexports(mod: Module) -> dict[str, tuple[str, str]] | None:
 
 
 def _render_lazy(mod: Module, table: dict[str, tuple[str, str]]) -> str:
-    """A package `__init__` that lists its names and imports each one's module on first use (PEP 562)."""
-    package = ".".join([PACKAGE, *mod.name.split(".")[:-1]])
+    """The package `__init__`: it lists its names and imports each one's module on first use (PEP 562)."""
+    package = PACKAGE
     out = [f'"""{mod.docstring}\n"""', MARK, "import importlib", "from typing import TYPE_CHECKING", ""]
     out.append("__all__ = [" + ", ".join(repr(n) for n in table) + "]")
     out += ["", "if TYPE_CHECKING:  # static analysers and IDEs see the real imports"]
@@ -286,10 +286,13 @@ def render(mod: Module) -> str:
         if doc:
             mod.docstring = f"{doc}\n\nGenerated from notebooks/{mod.chunks[0][0]}."
             mod.chunks[0] = (*mod.chunks[0][:2], first)
-    if mod.name.split(".")[-1] == "__init__" and (table := _lazy_reexports(mod)):
+    if mod.name == "__init__" and (table := _lazy_reexports(mod)):
         return _render_lazy(mod, table)
     imports, parts, names = Imports(), [], []
     for _, where, code in mod.chunks:
+        if mod.name.endswith("__init__"):  # a package __init__ lists what it re-exports: the names its imports bind
+            names += [a.asname or a.name for node in ast.parse(code).body if isinstance(node, ast.ImportFrom)
+                      for a in node.names]
         names += _public_names(code)
         rest = imports.take(code)
         if rest:
