@@ -9,17 +9,15 @@ Usage: python benchmarks/cpu_decode_profile.py [--out benchmarks/results/cpu_dec
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from model_cpu import ARGS
-from timing import cpu_name
+from timing import cpu_name, run_info
 
 from dsv3_lite import Transformer
 
@@ -75,10 +73,9 @@ def main():
     mm = sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm_", "aten::addmm", "aten::bmm",
                                                               "aten::baddbmm"))
     calls = sum(e.count for e in ev if e.key.startswith("aten::")) / 50
-    rec = {"benchmark": "benchmarks/cpu_decode_profile.py", "date": datetime.date.today().isoformat(),
+    rec = {"benchmark": "benchmarks/cpu_decode_profile.py", **run_info(),
            "machine": {"cpu": cpu_name(), "threads": 1,
                        "cpu_count": os.cpu_count(), "loadavg_1min": round(os.getloadavg()[0], 2)},
-           "versions": {"torch": torch.__version__, "python": platform.python_version()},
            "decode_step_ms_median": round(step_ms, 2),
            "matrix_product_share_of_profiled_cpu_time": round(mm / total, 2),
            "aten_ops_per_step_profiled_incl_nested": round(calls),

@@ -1,26 +1,27 @@
 """Block-scaled FP8 GEMM on one GPU: the course's Triton kernels vs bf16 cuBLAS and cuBLAS block-scaled FP8.
 
-Shapes: the nine DeepSeek-V3 linear shapes N×K of shared/reference/gpu_anchors.md §3 (wkv_a excluded: N = 576 is
-timed only in bf16 there) at M = 64, 128, 512, 4096, 16384. FP8 operands are quantised from the same random bf16
-data as the bf16 baseline: activations per 1×128 tile, weights per 128×128 block (our `act_quant`/`weight_quant`).
+Shapes: nine DeepSeek-V3 linear shapes N×K (`SHAPES`) at M = 64, 128, 512, 2048, 4096, 16384. FP8 operands are
+quantised from the same random bf16 data as the bf16 baseline: activations per 1×128 tile, weights per 128×128 block
+(our `act_quant`/`weight_quant`).
 
 Providers, all timed in one process with the median of `triton.testing.do_bench` (it flushes L2 before each call):
   bf16        x @ W.t() in bf16 (cuBLAS through PyTorch)
   cublas_bw   torch.nn.functional.scaled_mm with ScalingType.BlockWise1x128 / BlockWise128x128 (DeepSeek's recipe)
   fp8_gemm    dsv3_lite.kernels.fp8.fp8_gemm on pre-quantised operands (autotuned per M bucket, warmed up first)
   aq_gemm     act_quant + fp8_gemm (activation quantisation on every call)
-  linear      fp8_linear: the same, fused into one kernel for M <= 128
+  linear      fp8_linear(fused=True): both in one kernel, for M <= 512
 Every provider is checked before it is timed: relative Frobenius error against a float32 GEMM of the dequantised
 operands (only accumulation order and the bf16 output differ: ~3e-3) and against the unquantised product (~0.037).
 
---explore also times individual kernel variants (tile shapes, TMA, persistence, warp specialisation, deferred
-scaling, fused quantisation) at M = 64, 128 and 4096, to see what each idea does.
+--explore also times every configuration the autotuner chooses from (`gemm_candidates`) at M = 64 and 4096, each
+run with `fp8_gemm(..., config=...)`. The record of the experiments that led to these kernels is benchmarks/NOTES.md.
+
+Every results file starts with `timing.run_info()`: the git commit measured and whether the tree was dirty.
 
 Usage: python benchmarks/fp8_gemm_gpu.py [--explore] [--out benchmarks/results/fp8_gemm_h200.json]
 """
 
 import argparse
-import datetime
 import json
 import math
 import platform
@@ -32,9 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from timing import gpu_warmup, median_ms  # noqa: E402  (benchmarks/timing.py)
+from timing import gpu_warmup, median_ms, run_info  # noqa: E402  (benchmarks/timing.py)
 
-from dsv3_lite.kernels import fp8 as F8  # noqa: E402
+import dsv3_lite.kernels.fp8 as KF  # noqa: E402
+from dsv3_lite.fp8 import FP8, act_quant_ref, weight_quant_ref  # noqa: E402
 
 SHAPES = {  # name: (N, K)
     "wq_a": (1536, 7168), "wq_b": (24576, 1536), "wkv_b": (32768, 512), "wo": (7168, 16384),
@@ -45,7 +47,7 @@ MS = (64, 128, 512, 2048, 4096, 16384)
 
 
 def cublas_blockwise(aq, a_s, bq, b_s, out_dtype=torch.bfloat16):
-    """cuBLAS block-scaled FP8 through PyTorch, in the layout it accepts on sm_90 (gpu_anchors.md §1)."""
+    """cuBLAS block-scaled FP8 through PyTorch, in the layout it accepts on sm_90 (scales of A column-major)."""
     try:
         from torch.nn.functional import ScalingType, scaled_mm
     except ImportError:   # older PyTorch: the private spelling infers the recipe from the scale shapes
@@ -65,8 +67,8 @@ class Case:
         self.M, self.N, self.K = M, N, K
         self.x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         self.w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        self.aq, self.a_s = F8.act_quant(self.x)
-        self.bq, self.b_s = F8.weight_quant(self.w)
+        self.aq, self.a_s = KF.act_quant(self.x)
+        self.bq, self.b_s = KF.weight_quant(self.w)
         rows = torch.arange(M, device="cuda") if M <= 512 else torch.cat(
             [torch.arange(256, device="cuda"), torch.arange(M - 256, M, device="cuda")])
         self.rows = rows
@@ -75,8 +77,8 @@ class Case:
         self.w_copies = [self.w] + [self.w.clone() for _ in range(self.copies - 1)]
         self.bq_copies = [self.bq] + [self.bq.clone() for _ in range(self.copies - 1)]
         self.bs_copies = [self.b_s] + [self.b_s.clone() for _ in range(self.copies - 1)]
-        b32 = F8.weight_dequant(self.bq, self.b_s, dtype=torch.float32)
-        a32 = self.aq.view(torch.uint8)[rows].view(F8.FP8).float() * self.a_s[rows].repeat_interleave(128, -1)
+        b32 = KF.weight_dequant(self.bq, self.b_s, dtype=torch.float32)
+        a32 = self.aq.view(torch.uint8)[rows].view(FP8).float() * self.a_s[rows].repeat_interleave(128, -1)
         self.ref_deq = a32 @ b32.T                                     # [rows, N] fp32
         self.ref_exact = self.x[rows].float() @ self.w.float().T
         del b32, a32
@@ -151,62 +153,25 @@ def bench(fn, case, out_check=True, graph=False):
     return res
 
 
-# Round 1 (2026-11-29, first run) timed tile shapes 64x128/128x128/128x256, TMA, persistence, warp specialisation,
-# deferred scaling and fused quantisation at M = 64, 128, 4096 (benchmarks/fp8_gemm_notes.md has the numbers).
-# Round 2 tries more programs per SM (so one program's rescale overlaps another's MMA) and split-N halves.
-VARIANTS_LARGE = {
-    "tma_persist_128x128_w8_s4": dict(kernel="tma", BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, programs=1),
-    "tma_128x128_w8_s4": dict(kernel="tma", BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
-    "tma_persist_128x128_w8_s3_x2": dict(kernel="tma", BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3,
-                                         programs=2),
-    "tma_persist_128x128_halves": dict(kernel="tma", BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, programs=1,
-                                       HALVES=True),
-    "tma_persist_64x128_w4_s4_x2": dict(kernel="tma", BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, programs=2),
-    "tma_persist_64x128_w4_s3_x3": dict(kernel="tma", BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, programs=3),
-    "tma_64x128_w4_s4": dict(kernel="tma", BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
-    "tma_persist_64x256_w8_s3": dict(kernel="tma", BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3, programs=1),
-    "simple_64x128_w4_s4": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
-    "fused_quant_128x128_w8_s4": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, quant_a=True),
-}
-VARIANTS_SMALL = {
-    "simple_64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
-    "simple_64x128": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
-    "simple_64x64_splitk": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, SPLIT_K="auto"),
-    "fused_quant_64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, quant_a=True),
-    "fused_quant_64x128": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, quant_a=True),
-    "fused_quant_64x64_splitk": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, SPLIT_K="auto", quant_a=True),
-}
-
-
-def explore(sms, log):
+def explore(log):
+    """Time every candidate configuration of the autotuner on each shape, at a decode and a prefill size."""
     rows = []
-    for M, variants in ((4096, VARIANTS_LARGE), (64, VARIANTS_SMALL)):
+    for M in (64, 4096):
         for name, (N, K) in SHAPES.items():
             case = Case(M, N, K)
             row = {"M": M, "layer": name, "N": N, "K": K,
-                   "bf16": bench(lambda: case.x @ case.w.t(), case, graph=M <= 512),
                    "cublas_bw": bench(lambda: cublas_blockwise(case.aq, case.a_s, case.bq, case.b_s), case,
-                                      graph=M <= 512)}
-            for vname, v in variants.items():
-                cfg = {k: val for k, val in v.items() if k != "quant_a"}
-                if cfg.get("programs"):
-                    cfg["programs"] *= sms                    # programs per SM -> persistent grid size
-                if cfg.get("SPLIT_K") == "auto":
-                    cfg["SPLIT_K"] = F8._split_k(M, N, K, cfg["BLOCK_M"], cfg["BLOCK_N"], sms)
-                if v.get("quant_a"):
-                    fn = lambda cfg=cfg: F8._launch_gemm(case.x, case.x, case.bq, case.b_s, torch.bfloat16, cfg,
-                                                         quant_a=True)
-                else:
-                    fn = lambda cfg=cfg: F8._launch_gemm(case.aq, case.a_s, case.bq, case.b_s, torch.bfloat16, cfg)
-                r = bench(fn, case, graph=M <= 512)
-                r["split_k"] = cfg.get("SPLIT_K", 1)
-                r.update({k: v for k, v in F8._LAST_LAUNCH.items() if v is not None})
-                row[vname] = r
+                                      graph=M <= 512),
+                   "candidates": []}
+            for cfg in KF.gemm_candidates(M, N, K):
+                r = bench(lambda cfg=cfg: KF.fp8_gemm(case.aq, case.a_s, case.bq, case.b_s, config=cfg), case,
+                          graph=M <= 512)
+                row["candidates"].append({"config": cfg, **r})
             rows.append(row)
-            short = {k: (v.get("tflops"), v.get("err_vs_dequant")) if isinstance(v, dict) else v
-                     for k, v in row.items() if k not in ("N", "K")}
-            print("EXPLORE", json.dumps(short), flush=True)
-            log["variants"] = rows
+            print("EXPLORE", json.dumps({"M": M, "layer": name, "cublas": row["cublas_bw"].get("tflops"),
+                                         "candidates": [(c["config"], c.get("tflops"), c.get("graph_tflops"))
+                                                        for c in row["candidates"]]}), flush=True)
+            log["candidates"] = rows
             case = None  # free the GPU memory before the next shape
             torch.cuda.empty_cache()
     return rows
@@ -215,12 +180,11 @@ def explore(sms, log):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fp8_gemm_h200.json")
-    ap.add_argument("--explore", action="store_true", help="also time individual kernel variants")
+    ap.add_argument("--explore", action="store_true", help="also time every candidate configuration of the autotuner")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fp8_gemm_gpu.py needs a CUDA GPU (sm_90 for cuBLAS block-scaled FP8)")
-    import triton
     torch.backends.cuda.matmul.allow_tf32 = False                   # float32 references in float32
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -230,11 +194,9 @@ def main() -> None:
                   "torch.randn bf16 data, FP8 operands quantised from it (1x128 activation tiles, 128x128 weight "
                   "blocks, scale = max(amax, 1e-4)/448); TFLOP/s = 2MNK/time; all providers in one process; errors "
                   "are relative Frobenius norms on checked rows (all rows for M <= 512, first and last 256 otherwise)",
+        **run_info(cuda=torch.version.cuda),
         "machine": {"gpu": torch.cuda.get_device_name(), "sms": sms, "host": platform.node(),
                     "capability": ".".join(map(str, torch.cuda.get_device_capability()))},
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "python": platform.python_version()},
-        "date": datetime.date.today().isoformat(),
     }
     print(json.dumps(rec, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,24 +206,19 @@ def main() -> None:
 
     # act_quant / weight_quant on the GPU give the same bits as the PyTorch references
     x = torch.randn(333, 7168, device="cuda", dtype=torch.bfloat16) * 5
-    y, s = F8.act_quant(x)
-    yr, sr = F8.act_quant_ref(x)
-    wq, ws = F8.weight_quant(x[:300, :1000].contiguous())
-    wqr, wsr = F8.weight_quant_ref(x[:300, :1000])
+    y, s = KF.act_quant(x)
+    yr, sr = act_quant_ref(x)
+    wq, ws = KF.weight_quant(x[:300, :1000].contiguous())
+    wqr, wsr = weight_quant_ref(x[:300, :1000])
     rec["quantiser_bit_exact"] = {"act_quant": bool(torch.equal(y.view(torch.uint8), yr.view(torch.uint8))
                                                     and torch.equal(s, sr)),
                                   "weight_quant": bool(torch.equal(wq.view(torch.uint8), wqr.view(torch.uint8))
                                                        and torch.equal(ws, wsr))}
-    soft, F8._SOFT_ROUND = F8._SOFT_ROUND, not F8._SOFT_ROUND        # the other rounding path, for the record
-    yh, sh = F8.act_quant(x)
-    F8._SOFT_ROUND = soft
-    rec["quantiser_bit_exact"][f"act_quant_mismatches_with_soft_round_{not soft}"] = int(
-        (yh.view(torch.uint8) != yr.view(torch.uint8)).sum()) + int((sh != sr).sum())
     print("quantisers bit-exact vs PyTorch:", rec["quantiser_bit_exact"], flush=True)
 
     if args.explore:
         t0 = time.time()
-        explore(sms, rec)
+        explore(rec)
         rec["explore_seconds"] = round(time.time() - t0, 1)
         save()
 
@@ -273,21 +230,20 @@ def main() -> None:
             # warm up: compile and autotune this M bucket before anything is timed
             small = M <= 512
             for fused in (False, True) if small else (False,):
-                F8.fp8_linear(case.x, case.bq, case.b_s, fused=fused)
-            F8.fp8_gemm(case.aq, case.a_s, case.bq, case.b_s)
+                KF.fp8_linear(case.x, case.bq, case.b_s, fused=fused)
+            KF.fp8_gemm(case.aq, case.a_s, case.bq, case.b_s)
             row = {"M": M, "layer": name, "N": N, "K": K,
                    "bf16": bench(lambda: case.x @ case.w.t(), case, graph=small),
                    "cublas_bw": bench(lambda: cublas_blockwise(case.aq, case.a_s, case.bq, case.b_s), case,
                                       graph=small),
-                   "fp8_gemm": bench(lambda: F8.fp8_gemm(case.aq, case.a_s, case.bq, case.b_s), case, graph=small),
-                   "aq_gemm": bench(lambda: F8.fp8_gemm(*F8.act_quant(case.x), case.bq, case.b_s), case,
+                   "fp8_gemm": bench(lambda: KF.fp8_gemm(case.aq, case.a_s, case.bq, case.b_s), case, graph=small),
+                   "aq_gemm": bench(lambda: KF.fp8_gemm(*KF.act_quant(case.x), case.bq, case.b_s), case,
                                     graph=small),
-                   "linear_fused": bench(lambda: F8.fp8_linear(case.x, case.bq, case.b_s, fused=True), case,
+                   "linear_fused": bench(lambda: KF.fp8_linear(case.x, case.bq, case.b_s, fused=True), case,
                                          graph=small) if small else {},
-                   "act_quant": bench(lambda: F8.act_quant(case.x), case, out_check=False, graph=small)}
-            bucket = 1 << max(M - 1, 0).bit_length()
-            row["config"] = F8._TUNED.get((bucket, N, K, False))
-            row["config_fused"] = F8._TUNED.get((bucket, N, K, True))
+                   "act_quant": bench(lambda: KF.act_quant(case.x), case, out_check=False, graph=small)}
+            row["config"] = KF.tuned_config(M, N, K)
+            row["config_fused"] = KF.tuned_config(M, N, K, fused=True)
             if M <= 128:
                 for k in ("bf16", "cublas_bw", "fp8_gemm", "linear_fused"):
                     if "graph_us" in row[k]:

@@ -6,7 +6,7 @@ Notebook 04 (04_mla) shows the recorded numbers. What is measured, side by side 
 * decode: one step of `--batch` (64) sequences, one new token each, with `--context` (4096) tokens already in the cache
   (the cache is filled with random values of the right shape, as a prefill of 64 x 4096 tokens would leave it).
 
-Timer: median of `triton.testing.do_bench` (reference/gpu_anchors.md §11), after a warm-up call; random weights and data.
+Timer: median of `triton.testing.do_bench` (L2 flushed between calls), after a warm-up call; random weights and data.
 Before timing, both forms are checked against each other on a short input. The KV cache is the absorbed latent
 cache [B, T, 512 + 64] or the naive per-head K/V cache [B, T, 128, 192 + 128], in BF16.
 
@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+from timing import median_ms, run_info  # noqa: E402  (benchmarks/timing.py)
 
 from dsv3_lite.attention import MLA, causal_mask  # noqa: E402
 from dsv3_lite.config import ModelArgs  # noqa: E402
@@ -125,18 +124,10 @@ def main(argv: list[str] | None = None) -> None:
             + (" (it does more FLOPs per key)." if pre > 1 else "."))
     print(note)
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     rec = dict(
-        benchmark="mla_gpu", config=name, dtype=str(dtype).removeprefix("torch."),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        benchmark="mla_gpu", config=name, dtype=str(dtype).removeprefix("torch."), **run_info(cuda=torch.version.cuda),
         machine=dict(gpu=gpu, capability=list(torch.cuda.get_device_capability()) if device == "cuda" else None,
                      sm_count=torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else None),
-        versions=dict(torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
-                      python=platform.python_version()),
         timer="median of triton.testing.do_bench (warmup 25 ms, rep 200 ms)" if device == "cuda" else "median of 3",
         check=dict(naive_vs_absorbed_rel_err=rel_err),
         shapes=dict(dim=args.dim, n_heads=args.n_heads, q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,

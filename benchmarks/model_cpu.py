@@ -15,7 +15,6 @@ Usage: python benchmarks/model_cpu.py [--repeats 7] [--threads 1,2] [--no-train]
 """
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -25,10 +24,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from timing import run_info
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig
 
 from dsv3_lite import ModelArgs, Transformer
-from dsv3_lite.model import generate
+from dsv3_lite.generation import generate
 
 ARGS = ModelArgs.preset("tiny").replace(
     vocab_size=2048, dim=256, inter_dim=768, moe_inter_dim=128, n_layers=4, n_dense_layers=1, n_heads=8,
@@ -107,15 +107,13 @@ def main():
         speedups[task] = {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
                           "max": round(max(ratios), 2)}
         print(task, speedups[task], flush=True)
-    out = {"benchmark": "benchmarks/model_cpu.py", "date": datetime.date.today().isoformat(),
+    out = {"benchmark": "benchmarks/model_cpu.py", **run_info(),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
                       f"torch.set_num_threads({'/'.join(map(str, threads))}); "
                       + ("other jobs were running (see loadavg)" if max(load_before[0], os.getloadavg()[0]) > 1.5
                          else "quiet (1-minute load average <= 1.5 before and after)"),
            "loadavg_before_after": [[round(v, 2) for v in load_before], [round(v, 2) for v in os.getloadavg()]],
            "loadavg_1min_per_task_before_after": loads,
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version()},
            "config": {k: getattr(ARGS, k) for k in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers",
                                                      "n_dense_layers", "n_heads", "n_routed_experts",
                                                      "n_activated_experts", "n_expert_groups", "n_limited_groups",

@@ -6,7 +6,7 @@ for the logits of the last position only (`last_only=True`; transformers: `logit
 
   - check: last-position logits of a 256-token prompt, ours vs transformers (bf16, so a relative error);
   - prefill: one sequence of `--prefill-len` (4096) tokens, cache written -> tokens/s (median of
-    `triton.testing.do_bench`, reference/gpu_anchors.md §11);
+    `triton.testing.do_bench`);
   - decode: batch 1, one new token on a cache holding `--context` (4096) tokens -> ms per step (median over
     `--steps` steps timed with CUDA events; transformers' DynamicCache is cropped back to the context between steps,
     outside the timed region, so every step sees the same context). Ours twice: eager, and the same step captured
@@ -23,7 +23,6 @@ Usage:  python benchmarks/model_gpu.py [--out benchmarks/results/model_h200.json
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import statistics
@@ -36,12 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+from timing import median_ms, run_info  # noqa: E402  (benchmarks/timing.py)
 
-import dsv3_lite  # noqa: E402,F401  (before transformers: Triton interpreter switch on CPU)
+import dsv3_lite.kernels  # noqa: E402
 from dsv3_lite import ModelArgs, Transformer  # noqa: E402
 from dsv3_lite.config import hf_param_name  # noqa: E402
-from dsv3_lite.model import DecodeGraph, generate  # noqa: E402
+from dsv3_lite.generation import DecodeGraph, generate  # noqa: E402
+
+dsv3_lite.kernels.setup_triton()  # before transformers imports Triton (the CPU interpreter for --small)
 
 
 def build_models(args: ModelArgs, device: str, dtype: torch.dtype):
@@ -279,16 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                 graph_speedups[r["task"]] = {"over_transformers": round(g["tokens_per_s"] / r["tokens_per_s"], 2),
                                              "over_dsv3_lite_eager": round(g["tokens_per_s"] / o["tokens_per_s"], 2)}
     gpu = torch.cuda.get_device_name() if device == "cuda" else "none (CPU run of --small)"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    out = {"benchmark": "benchmarks/model_gpu.py" + (" --small" if a.small else ""),
-           "date": datetime.date.today().isoformat(),
+    out = {"benchmark": "benchmarks/model_gpu.py" + (" --small" if a.small else ""), **run_info(cuda=torch.version.cuda),
            "machine": {"gpu": gpu, "device": device, "cpu": platform.processor() or platform.machine()},
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
-                        "python": platform.python_version(), "cuda": torch.version.cuda},
            "config": {"preset": "tiny" if a.small else "671B", "n_layers": 2, "n_dense_layers": 1,
                       "parameters": n_params, "dtype": str(dtype).removeprefix("torch."),
                       "attn_impl": args.attn_impl, "max_seq_len": args.max_seq_len, "transformers_attention": "sdpa",

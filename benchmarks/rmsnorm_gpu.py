@@ -8,7 +8,6 @@ Usage: python benchmarks/rmsnorm_gpu.py [--out benchmarks/results/rmsnorm_h200.j
 """
 
 import argparse
-import datetime
 import json
 import platform
 import sys
@@ -18,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+from timing import median_ms, run_info  # noqa: E402  (benchmarks/timing.py)
 
-from dsv3_lite.norm import rms_norm_ref, rms_norm_triton  # noqa: E402
+from dsv3_lite.kernels.rmsnorm import rms_norm_triton  # noqa: E402
+from dsv3_lite.norm import rms_norm_ref  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +29,6 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("rmsnorm_gpu.py needs a CUDA GPU")
-    import triton
 
     compiled = torch.compile(rms_norm_ref, dynamic=True)
     results = []
@@ -56,10 +55,8 @@ def main() -> None:
         "benchmark": "RMSNorm forward, bf16, eps 1e-6",
         "method": "median of triton.testing.do_bench(warmup=25 ms, rep=100 ms), random N(0,1) data, "
                   "GB/s = 2*M*N*2 bytes / time; all providers timed in the same process",
+        **run_info(cuda=torch.version.cuda),
         "machine": {"gpu": torch.cuda.get_device_name(), "host": platform.node(), "cpu": platform.processor()},
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "python": platform.python_version()},
-        "date": datetime.date.today().isoformat(),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,16 @@
 """Helpers shared by the benchmark scripts: `median_ms`, the median of `triton.testing.do_bench` on CUDA (it flushes L2
-between calls, shared/reference/gpu_anchors.md §11) or of three wall-clock runs on CPU (for the scripts' --small
-checks); `gpu_warmup`, run before the first timing so a cold GPU's clocks do not slow the first rows; `cpu_name`, the
-CPU model recorded with CPU results."""
+between calls) or of three wall-clock runs on CPU (for the scripts' --small checks); `gpu_warmup`, run before the
+first timing so a cold GPU's clocks do not slow the first rows; `cpu_name`, the CPU model recorded with CPU results;
+`run_info`, what every results file records about the run (git commit, uncommitted changes, date, versions)."""
 
+import datetime
+import importlib.metadata
 import platform
+import subprocess
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def median_ms(fn, device: str, rep_ms: int = 200) -> float:
@@ -25,7 +30,7 @@ def median_ms(fn, device: str, rep_ms: int = 200) -> float:
 
 def gpu_warmup(seconds: float = 2.0) -> None:
     """Keep the GPU busy with bf16 matrix products for `seconds` (a freshly started H200 timed its first shape up to
-    1.5x slower than later ones: benchmarks/fp8_gemm_notes.md, round 6)."""
+    1.5x slower than later ones: benchmarks/NOTES.md, the three-warp-group GEMM)."""
     import torch
 
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -45,3 +50,33 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_info(**versions: str | None) -> dict:
+    """The fields every results JSON starts with, so a number can be traced to the code that produced it:
+
+    commit   the git commit of the checkout (`git show <commit>:<path>` recovers the script and the kernels);
+    dirty    True if files differed from that commit (tracked changes, or untracked files outside
+             benchmarks/results/): the code measured is then not exactly the commit's; None outside a git checkout;
+    date     UTC date and time of the run;
+    versions Python, PyTorch, Triton and transformers as installed (None if absent), plus `versions` given here
+             (e.g. cuda=torch.version.cuda).
+    """
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    installed = {"python": platform.python_version()}
+    for name in ("torch", "triton", "transformers"):
+        try:
+            installed[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed[name] = None
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "versions": installed | versions}

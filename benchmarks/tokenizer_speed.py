@@ -21,7 +21,6 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core for the Rust side too
 os.environ["RAYON_NUM_THREADS"] = "1"
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -30,7 +29,7 @@ from pathlib import Path  # noqa: E402
 
 import regex  # noqa: E402
 import tokenizers  # noqa: E402
-from timing import cpu_name  # noqa: E402  (benchmarks/timing.py)
+from timing import cpu_name, run_info  # noqa: E402  (benchmarks/timing.py)
 
 from dsv3_lite.data import shakespeare  # noqa: E402
 from dsv3_lite.tokenizer import BPETokenizer, deepseek_v3_tokenizer_file, load_tokenizer  # noqa: E402
@@ -83,10 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                         "MB_per_s": round(n_bytes / wall / 1e6, 3), "MB_per_cpu_s": round(n_bytes / cpu / 1e6, 3)})
     rec = {
         "benchmark": "encode throughput, DeepSeek-V3 tokenizer.json (128K vocabulary), Shakespeare corpus, one core",
-        "date": datetime.date.today().isoformat(),
+        **run_info(tokenizers=tokenizers.__version__, regex=regex.__version__),
         "machine": {"cpu": cpu_name(), "cores_used": 1, "os": platform.platform()},
-        "versions": {"python": platform.python_version(), "tokenizers": tokenizers.__version__,
-                     "regex": regex.__version__},
         "input": {"bytes": n_bytes, "lines": len(lines), "tokens": len(cold[2])},
         "load_average_1min_before": round(load_before, 2) if load_before is not None else None,
         "repeats": args.repeats,

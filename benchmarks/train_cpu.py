@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import platform
@@ -26,8 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import run_info
 
-import dsv3_lite  # noqa: F401  (before transformers: Triton's CPU switch)
+import dsv3_lite.kernels
+
+dsv3_lite.kernels.setup_triton()  # before transformers imports Triton (the CPU interpreter)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,9 +104,8 @@ def train_for(minutes: float, out_dir: Path) -> tuple[object, dict]:
 
 
 def decoding(model, n_tokens: int) -> dict:
-    from dsv3_lite.data.corpus import shakespeare, train_val_split
+    from dsv3_lite.data.corpus import shakespeare, shakespeare_tokenizer, train_val_split
     from dsv3_lite.speculative import compare_decoding
-    from dsv3_lite.tokenizer import shakespeare_tokenizer
 
     tok = shakespeare_tokenizer()
     _, val = train_val_split(shakespeare())
@@ -165,13 +166,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault("DSV3_LITE_CACHE", str(Path(tempfile.gettempdir()) / "dsv3_lite_bench_cache"))
-    import transformers
 
-    result = {"benchmark": "train_cpu", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    result = {"benchmark": "train_cpu", **run_info(),
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpu_count": os.cpu_count(), "torch_threads": a.threads},
-              "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__},
               "loadavg_start": os.getloadavg()}
     t0 = time.time()
     result["train_speed"] = train_speed(a.threads, 16, 128, a.speed_steps)

@@ -14,25 +14,26 @@ Shape letters used in comments across the package:
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ['BPETokenizer', 'RMSNorm', 'ModelArgs', 'Transformer', 'generate', 'load_hf_checkpoint']
+__all__ = ['BPETokenizer', 'RMSNorm', 'ModelArgs', 'Transformer', 'load_hf_checkpoint', 'generate']
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from dsv3_lite.config import ModelArgs
-    from dsv3_lite.model import Transformer, generate, load_hf_checkpoint
+    from dsv3_lite.generation import generate
+    from dsv3_lite.model import Transformer, load_hf_checkpoint
     from dsv3_lite.norm import RMSNorm
     from dsv3_lite.tokenizer import BPETokenizer
 
 _MODULE_OF = {  # public name -> the module that defines it, imported on first use
-    # --- notebooks/00_tokenization.ipynb, cell 63 (id b0b6fd5f)
+    # --- notebooks/00_tokenization.ipynb, cell 65 (id b0b6fd5f)
     'BPETokenizer': 'dsv3_lite.tokenizer',
     # --- notebooks/01_rmsnorm.ipynb, cell 48 (id ae3f0562)
     'RMSNorm': 'dsv3_lite.norm',
     # --- notebooks/02_embeddings.ipynb, cell 54 (id 7b255cee)
     'ModelArgs': 'dsv3_lite.config',
-    # --- notebooks/07_model.ipynb, cell 58 (id 0fccd995)
+    # --- notebooks/07_model.ipynb, cell 59 (id 0fccd995)
     'Transformer': 'dsv3_lite.model',
-    'generate': 'dsv3_lite.model',
     'load_hf_checkpoint': 'dsv3_lite.model',
+    'generate': 'dsv3_lite.generation',
 }
 
 

@@ -1,14 +1,17 @@
 """04 · Multi-head latent attention (MLA)
 
-Multi-head latent attention of DeepSeek-V3 ([V3] §2.1.1, eqs. 1-11; derivation in [V2] §2.1.2-2.1.3): low-rank
-query compression (`wq_a`, `q_norm`, `wq_b`, or a single `wq` when `q_lora_rank = 0`), joint key-value compression
-to a 512-value latent (`wkv_a`, `kv_norm`, `wkv_b`), a decoupled RoPE key shared by all heads, the softmax scale
-with YaRN's m², and the two inference forms: **naive** (caches per-head K and V) and **absorbed** (folds `wkv_b`
-into the query and output paths and caches only the latent and the RoPE key: 576 values per token per layer).
+Multi-head latent attention of DeepSeek-V3 ([V3] §2.1.1, eqs. 1-11; derivation in [V2] §2.1.2-2.1.3). `MLA`
+compresses keys and values into one 512-value latent per token plus a 64-value RoPE key shared by all heads (the
+query through its own 1536-value latent), and computes attention in two forms: **naive** (per-head K and V; training
+and prefill) and **absorbed** (`wkv_b` folded into the query and output paths, only the latent and the RoPE key
+cached, 576 values per token per layer; decoding). With it: `causal_mask` and `kv_cache_per_token`.
+
 Official: `MLA` in `inference/model.py` (`attn_impl = "naive" | "absorb"`); transformers: `DeepseekV3Attention`.
-Divergences: the KV cache is allocated by `setup_cache`, never at construction (DeepSeek-V3#332), and the mask is
-`[S, start_pos + S]`, correct for multi-token steps on a non-empty cache (DeepSeek-V3 PR #1536); HF expands the
-latent to per-head K/V at every step. See shared/reference/deepseek_v3.md §3.4, §2.2 and traps 5-7, 11, 12.
+Divergences: the KV cache is allocated by `setup_cache`, never at construction (DeepSeek-V3#332); the mask is
+`[S, start_pos + S]`, correct for multi-token steps on a non-empty cache (DeepSeek-V3 PR #1536). The layer does not
+validate its inputs at each call: the model checks them once per step (`Transformer.hidden`, notebook 07).
+
+Reference: [docs/deepseek_v3.md §4.4, §3.2 and §6.7–§6.11](../docs/deepseek_v3.md#44-multi-head-latent-attention).
 
 Generated from notebooks/04_mla.ipynb.
 """
@@ -56,8 +59,10 @@ class MLA(nn.Module):
     the masked blocks), or None. Without a cache (`setup_cache` not called) start_pos must be 0.
     With a cache, a one-token step (S = 1) of the absorbed form may take start_pos as a 0-dim int64 tensor on x's
     device instead of an int (mask None): the step then never reads the position on the host, so a CUDA graph can
-    capture it (07); it attends over the whole allocated cache and hides the rows after start_pos. Such a position
-    is not range-checked (that would need the host): keep it in [0, cache length).
+    capture it (07); it attends over the whole allocated cache and hides the rows after start_pos.
+    The layer does not check these rules at each call (it runs in every layer at every step): the model checks its
+    input once per step, at its boundary (`Transformer.hidden`, 07). A call that breaks them fails inside PyTorch
+    with a shape error, or returns a wrong result (a start_pos > 0 without a cache attends over the step's tokens).
 
     How the attention itself runs: per-head K and V through `F.scaled_dot_product_attention` (fused, no [B, H, S, T]
     score tensor in memory) for the naive form and for every step of the absorbed form that starts at position 0
@@ -92,7 +97,7 @@ class MLA(nn.Module):
         # the KV cache: allocated by setup_cache, never here (a 16B config's full cache is GBs: DeepSeek-V3#332)
         for name in ("k_cache", "v_cache", "kv_cache", "pe_cache"):
             self.register_buffer(name, None, persistent=False)
-        self._cache_impl: str | None = None
+        self.cache_impl: str | None = None  # the form the cache was allocated for (None: no cache)
 
     # ---- cache management
     def setup_cache(self, batch_size: int | None = None, seq_len: int | None = None,
@@ -108,7 +113,7 @@ class MLA(nn.Module):
             raise ValueError(f"MLA.setup_cache: seq_len={seq_len} is not allowed: "
                              f"1 <= seq_len <= max_seq_len={self.max_seq_len}")
         self.reset_cache()
-        w = self.kv_norm.weight  # the activations' dtype, also when the projections are stored in FP8 (07)
+        w = self.kv_norm.weight  # the activations' dtype, also when the projections are stored in FP8 (08)
         kw = dict(device=w.device, dtype=dtype or w.dtype)
         if self.attn_impl == "naive":
             self.k_cache = torch.zeros(batch_size, seq_len, self.n_heads, self.qk_head_dim, **kw)  # [B, T, H, 192]
@@ -116,83 +121,20 @@ class MLA(nn.Module):
         else:
             self.kv_cache = torch.zeros(batch_size, seq_len, self.kv_lora_rank, **kw)  # [B, T, c]: c^KV, normalised
             self.pe_cache = torch.zeros(batch_size, seq_len, self.qk_rope_head_dim, **kw)  # [B, T, r]: k^R, rotated
-        self._cache_impl = self.attn_impl
+        self.cache_impl = self.attn_impl
 
     def reset_cache(self) -> None:
         """Free the KV cache; the layer then runs without one (start_pos must be 0)."""
         self.k_cache = self.v_cache = self.kv_cache = self.pe_cache = None
-        self._cache_impl = None
+        self.cache_impl = None
 
     @property
     def cache_shape(self) -> tuple[int, int] | None:
         """(batch_size, seq_len) of the allocated cache, or None."""
-        c = self.k_cache if self._cache_impl == "naive" else self.kv_cache
+        c = self.k_cache if self.cache_impl == "naive" else self.kv_cache
         return None if c is None else (c.shape[0], c.shape[1])
 
     # ---- forward
-    def _check_inputs(self, x: torch.Tensor, start_pos: int | torch.Tensor, freqs_cis: torch.Tensor,
-                      mask: torch.Tensor | str | None) -> int:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"MLA: x.shape={tuple(x.shape)} is not allowed: x must be [B, S, dim={self.dim}]")
-        bsz, seqlen = x.shape[:2]
-        if seqlen > self.max_seq_len:
-            raise ValueError(f"MLA: sequence length S={seqlen} is not allowed: at most max_seq_len={self.max_seq_len}")
-        if freqs_cis.shape != (seqlen, self.qk_rope_head_dim // 2):
-            raise ValueError(f"MLA: freqs_cis.shape={tuple(freqs_cis.shape)} is not allowed: pass the rows "
-                             f"[start_pos, start_pos + S) of precompute_freqs_cis, shape ({seqlen}, "
-                             f"{self.qk_rope_head_dim // 2})")
-        cache = self.cache_shape
-        on_device = isinstance(start_pos, torch.Tensor)
-        if on_device:
-            self._check_tensor_pos(x, start_pos, cache, mask)
-        if cache is None:
-            if start_pos != 0:
-                raise ValueError(f"MLA: start_pos={start_pos} is not allowed without a KV cache: call "
-                                 "setup_cache(batch_size, seq_len) first, or use start_pos=0")
-            end = seqlen
-        else:
-            if self._cache_impl != self.attn_impl:
-                raise ValueError(f"MLA: attn_impl={self.attn_impl!r} is not allowed with a cache made for "
-                                 f"{self._cache_impl!r}: call setup_cache again after switching forms")
-            if bsz > cache[0]:
-                raise ValueError(f"MLA: batch size B={bsz} is not allowed: the cache holds {cache[0]} sequences "
-                                 f"(max_batch_size={self.max_batch_size})")
-            if not on_device and (start_pos < 0 or start_pos + seqlen > cache[1]):
-                raise ValueError(f"MLA: start_pos={start_pos} with S={seqlen} is not allowed: start_pos + S must "
-                                 f"be <= the cache length {cache[1]}")
-            if torch.is_grad_enabled() and (x.requires_grad or self.wkv_a.weight.requires_grad):
-                raise RuntimeError("MLA: the KV cache is for inference: run under torch.no_grad() (or "
-                                   "torch.inference_mode()), or call reset_cache() to train without one")
-            end = cache[1] if on_device else start_pos + seqlen  # a tensor start_pos: the whole allocated cache
-        if isinstance(mask, str):
-            if mask != "causal":
-                raise ValueError(f"MLA: mask={mask!r} is not allowed: use 'causal', an additive float tensor or None")
-        elif mask is not None and (not mask.is_floating_point() or mask.shape[-2:] != (seqlen, end)
-                                 or mask.dim() not in (2, 3)):
-            raise ValueError(f"MLA: mask of shape {tuple(mask.shape)} and dtype {mask.dtype} is not allowed: use an "
-                             f"additive float mask [S, T] or [B, S, T] with S={seqlen}, T={end} "
-                             "(see causal_mask)")
-        return end
-
-    def _check_tensor_pos(self, x: torch.Tensor, start_pos: torch.Tensor, cache: tuple[int, int] | None,
-                          mask: torch.Tensor | str | None) -> None:
-        """The rules for a tensor start_pos (checked on the host from shapes and types only, no device sync)."""
-        if start_pos.dim() != 0 or start_pos.dtype != torch.int64 or start_pos.device != x.device:
-            raise ValueError(f"MLA: start_pos={start_pos!r} (shape {tuple(start_pos.shape)}, {start_pos.dtype}) is not "
-                             f"allowed: a tensor start_pos must be a 0-dim int64 tensor on x's device ({x.device})")
-        if self.attn_impl != "absorb":
-            raise ValueError(f"MLA: a tensor start_pos with attn_impl={self.attn_impl!r} is not allowed: only the "
-                             "absorbed form ('absorb') takes one; pass start_pos as an int")
-        if x.shape[1] != 1:
-            raise ValueError(f"MLA: a tensor start_pos with S={x.shape[1]} is not allowed: a tensor start_pos is for "
-                             "one-token steps (S = 1); pass start_pos as an int")
-        if cache is None:
-            raise ValueError("MLA: a tensor start_pos without a KV cache is not allowed: call setup_cache(batch_size, "
-                             "seq_len) first")
-        if mask is not None:
-            raise ValueError(f"MLA: mask={mask if isinstance(mask, str) else tuple(mask.shape)!r} with a tensor "
-                             "start_pos is not allowed: use mask=None (the layer hides the rows after start_pos)")
-
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None,
               start_pos: int) -> torch.Tensor:
         """softmax(q kᵀ · scale + mask) v, fused: q [B, S, H, d], k [B, T, H, d], v [B, T, H, d_v] -> [B, S, H, d_v]."""
@@ -208,14 +150,15 @@ class MLA(nn.Module):
                                            is_causal=causal, scale=self.softmax_scale)  # [B, H, S, d], float32 softmax
         return o.transpose(1, 2)[..., :d_v]  # [B, S, H, d_v]
 
-    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, freqs_cis: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, freqs_cis: torch.Tensor,
                 mask: torch.Tensor | str | None = None) -> torch.Tensor:
-        """x [B, S, D] -> [B, S, D]; see the class docstring for start_pos, freqs_cis and mask."""
-        if freqs_cis is None:
-            raise ValueError("MLA: freqs_cis=None is not allowed: pass precompute_freqs_cis(args)[start_pos:start_pos+S]")
-        end = self._check_inputs(x, start_pos, freqs_cis, mask)
+        """x [B, S, D] -> [B, S, D]; see the class docstring for start_pos, freqs_cis and mask (not checked here)."""
         on_device = isinstance(start_pos, torch.Tensor)  # a one-token step whose position stays on the device
         bsz, seqlen, _ = x.shape
+        cache = self.cache_shape
+        # keys attended over: the step's own tokens without a cache; with one, positions [0, start_pos + S), or
+        # the whole allocated cache for a tensor start_pos (the rows after it are masked below)
+        end = seqlen if cache is None else cache[1] if on_device else start_pos + seqlen
         H, d_nope, d_v = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
         # queries: [q^C ; q^R] per head (eqs. 6-9)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))  # [B, S, H·(nope+r)]
@@ -270,7 +213,7 @@ class MLA(nn.Module):
 
     def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W^UK [H, nope, c] and W^UV transposed [H, c, v]: views of `wkv_b.weight` (no copy), or, for an FP8
-        `wkv_b` (07), its dequantised weight, computed once and kept while the FP8 weight is unchanged."""
+        `wkv_b` (08), its dequantised weight, computed once and kept while the FP8 weight is unchanged."""
         H, d_nope, c = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
         if hasattr(self.wkv_b, "dequantize"):  # FP8Linear: dequantise once (official: at every call)
             key = (self.wkv_b.weight.data_ptr(), self.wkv_b.weight._version, self.wkv_b.scale._version, dtype)
@@ -283,7 +226,7 @@ class MLA(nn.Module):
         return w[:, :d_nope], w[:, d_nope:].mT
 
 
-# --- notebooks/04_mla.ipynb, cell 38 (id 46ca5984)
+# --- notebooks/04_mla.ipynb, cell 40 (id 46ca5984)
 def kv_cache_per_token(args: ModelArgs, head_dim: int | None = None, gqa_groups: int = 8) -> dict[str, int]:
     """KV-cache elements per token over all layers, for `args`' MLA forms and, for comparison, an MHA / GQA / MQA
     model with the same heads and layers (`head_dim` defaults to qk_nope_head_dim, 128 for V3)."""

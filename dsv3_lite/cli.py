@@ -5,9 +5,10 @@
     dsv3-lite generate --prompt TEXT [--checkpoint FILE] [--speculative] [--temperature T]
     dsv3-lite demo [--minutes 3]     train on the bundled Shakespeare, sample, compare speculative decoding
 
-Errors in the input (a missing file, a prompt longer than the context, a checkpoint of another configuration) print
-one line `dsv3-lite <command>: error: ...` and exit with status 2; a diverged run exits with 1; Ctrl-C during training
-saves a checkpoint and exits with 130.
+A checkpoint carries its tokenizer, so `generate` needs nothing else. Errors in the input (a missing file, a prompt
+longer than the context, a checkpoint of another configuration) print one line `dsv3-lite <command>: error: ...` and
+exit with status 2; a diverged run exits with 1; Ctrl-C during training saves a checkpoint and exits with 130.
+Only the standard library is imported here: `dsv3-lite --help` answers before PyTorch is loaded.
 
 Generated from notebooks/10_training.ipynb.
 """
@@ -19,11 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ['DEFAULT_OUT', 'cmd_prepare', 'cmd_train', 'cmd_generate', 'cmd_demo', 'build_parser', 'main']
+__all__ = ['DEFAULT_OUT', 'DEMO_OUT', 'cmd_prepare', 'cmd_train', 'cmd_generate', 'cmd_demo', 'build_parser', 'main']
 
 
-# --- notebooks/10_training.ipynb, cell 60 (id 0e22d1a9)
-DEFAULT_OUT = "runs/dsv3-lite"
+# --- notebooks/10_training.ipynb, cell 61 (id 0e22d1a9)
+DEFAULT_OUT = "runs/dsv3-lite"    # checkpoint folder of `train` (and where `generate` looks)
+DEMO_OUT = "runs/demo"            # checkpoint folder of `demo`
 
 
 def _threads(n: int | None) -> None:
@@ -86,20 +88,18 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _load(checkpoint: str, tokenizer: str | None):
+    """The model of a checkpoint and its tokenizer: `--tokenizer PATH` if given, else the one stored in the checkpoint."""
     from dsv3_lite.tokenizer import BPETokenizer
-    from dsv3_lite.train import load_model
+    from dsv3_lite.train import checkpoint_tokenizer, load_model
 
-    model, meta = load_model(checkpoint)
-    tok_path = tokenizer or meta.get("tokenizer")
-    if not tok_path:
-        raise ValueError(f"generate: the checkpoint {checkpoint} names no tokenizer: pass --tokenizer PATH")
-    return model, BPETokenizer.from_file(tok_path)
+    model, _ = load_model(checkpoint)
+    return model, BPETokenizer.from_file(tokenizer) if tokenizer else checkpoint_tokenizer(checkpoint)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
-    from dsv3_lite.model import generate
+    from dsv3_lite.generation import generate
     from dsv3_lite.speculative import speculative_generate
 
     _threads(a.threads)
@@ -123,7 +123,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     import torch
 
-    from dsv3_lite.model import generate
+    from dsv3_lite.generation import generate
     from dsv3_lite.speculative import compare_decoding
     from dsv3_lite.tokenizer import BPETokenizer
 
@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
 
-    def train_flags(s, minutes=None):
-        s.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"checkpoint folder (default {DEFAULT_OUT})")
+    def train_flags(s, out: str, minutes: float | None = None):
+        s.add_argument("--out", default=out, metavar="DIR", help="checkpoint folder (default: %(default)s)")
         s.add_argument("--minutes", type=float, default=minutes, help="wall-clock budget; the schedule is fitted to it")
         s.add_argument("--data", default=None, metavar="DIR", help="folder from `prepare` (default: Shakespeare)")
         s.add_argument("--preset", default=None, help="ModelArgs preset (default tiny)")
@@ -174,14 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("train", help="train (tiny preset on the bundled Shakespeare by default)")
-    train_flags(s)
+    train_flags(s, DEFAULT_OUT)
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     s.add_argument("--prompt", required=True)
     s.add_argument("--checkpoint", default=f"{DEFAULT_OUT}/checkpoint.safetensors", metavar="FILE")
-    s.add_argument("--tokenizer", default=None, metavar="PATH", help="default: the one the checkpoint names")
+    s.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: the one stored in the "
+                   "checkpoint)")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-p", type=float, default=0.95)
@@ -191,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("demo", help="train for a few minutes, generate, compare speculative decoding")
-    train_flags(s, minutes=3.0)
-    s.set_defaults(func=cmd_demo, out="runs/demo")
+    train_flags(s, DEMO_OUT, minutes=3.0)
+    s.set_defaults(func=cmd_demo)
     return p
 
 

@@ -2,7 +2,10 @@
 its named presets ("tiny" for a laptop, "16B", "236B", "671B", "v3.1"), validation with errors that name the field,
 parameter counts, and the conversion to and from a Hugging Face `config.json` (`DeepseekV3Config`; both the
 published `rope_scaling` and the transformers-5 `rope_parameters` forms). The official <-> HF name tables for config
-keys and parameter names live here and nowhere else (shared/reference/deepseek_v3.md §1).
+keys and parameter names live here and nowhere else. Divergence: the official code switches the routing bias on by
+`dim == 7168`, ours by the `gate_bias` field (HF `topk_method = "noaux_tc"`).
+
+Reference: docs/deepseek_v3.md §2 (fields, HF names, presets) and §3.1 (parameter counts).
 
 Generated from notebooks/02_embeddings.ipynb.
 """

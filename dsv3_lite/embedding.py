@@ -1,13 +1,16 @@
 """02 · Configuration, token embedding and output head
 
-`ModelArgs`: the DeepSeek-V3 configuration with the official field names of `inference/model.py` (`ModelArgs`,
-lines 20-86 at commit 9b4e978) and its configs `config_16B/236B/671B/v3.1.json`, a laptop preset `tiny`, and the
-conversion to and from a Hugging Face `config.json` (`transformers` `DeepseekV3Config`; both the published
-`rope_scaling` and the transformers-5 `rope_parameters` forms). Token embedding `e_t = E[t]` and the untied output
-head `logits = W_head · h` ([V3] §2, the model's input and output; official `ParallelEmbedding` / `ColumnParallelLinear`
-head; HF `embed_tokens` / `lm_head`). Divergences: the official head computes logits for the last position only,
-HF and ours for every position; the official code switches the gate bias on by `dim == 7168`, ours by the
-`gate_bias` field (HF `topk_method = "noaux_tc"`); see shared/reference/deepseek_v3.md §1, §3.2, §5.
+The model's input and output ([V3] §2): `Embedding`, the token embedding `e_t = E[t]`, and `Head`, the untied output
+head `logits = W_head · h` (float32; every position, or the last one with `last_only`). Both are built from
+`ModelArgs`, the DeepSeek-V3 configuration with the official field names, its presets and its translation to and
+from a Hugging Face `config.json` (`dsv3_lite.config`, exported by the same notebook).
+
+Official: `ParallelEmbedding` and the `ColumnParallelLinear` head of `inference/model.py` (here on one rank);
+transformers: `embed_tokens`, `lm_head`. Divergence: the official head computes logits for the last position only.
+The embedding does not check token ids (on a GPU that would read them on the host at every step): the model checks
+them once per step, at its boundary (`Transformer.hidden`, notebook 07).
+
+Reference: [docs/deepseek_v3.md §4.2 and §6.2](../docs/deepseek_v3.md#42-embedding-and-output-head).
 
 Generated from notebooks/02_embeddings.ipynb.
 """
@@ -37,12 +40,8 @@ class Embedding(nn.Module):
         nn.init.normal_(self.weight, std=args.init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, S] (int) -> [B, S, D]. Ids outside [0, vocab_size) raise an error that names them."""
-        if ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"Embedding: ids.dtype={ids.dtype} is not allowed: token ids must be int32 or int64")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"Embedding: token id {int(ids.min() if ids.min() < 0 else ids.max())} is not allowed: "
-                             f"ids must lie in [0, vocab_size={self.vocab_size})")
+        """ids [B, S] int32/int64 in [0, vocab_size) -> [B, S, D]. Not checked here: checking the range reads the ids
+        on the host, a GPU synchronisation at every step; the model checks them once, at its boundary (07)."""
         return F.embedding(ids, self.weight)  # [B, S, D]
 
 

@@ -1,20 +1,18 @@
 """07 · The whole model: blocks, KV-cache decoding, sampling and checkpoint loading
 
-DeepSeek-V3 assembled: token embedding → `n_layers` pre-norm blocks (MLA, then a dense SwiGLU FFN for the first
-`n_dense_layers` and DeepSeekMoE afterwards) → final RMSNorm → untied output head (arXiv:2412.19437 §2.1, Fig. 2).
+DeepSeek-V3 assembled ([V3] §2.1, Fig. 2): `Transformer` runs the token embedding, `n_layers` pre-norm blocks
+(`Block`: MLA, then a dense SwiGLU FFN in the first `n_dense_layers` layers and DeepSeekMoE after them) and the final
+RMSNorm (`hidden`), then the untied output head: float32 logits for every position, or for the last one.
+`setup_cache` switches on the KV cache for incremental decoding; the model checks its input once per call, at
+this boundary. `load_hf_checkpoint` builds a model from a transformers-format DeepSeek-V3 folder (sharded
+safetensors, per-expert tensors stacked, FP8 weights dequantised with their 128×128 block scales, or kept in FP8
+with `dtype="fp8"`). Sampling and `generate` are in `dsv3_lite.generation`, exported by this notebook too.
 
-`Transformer(args)(tokens, start_pos=0)` returns float32 logits [B, S, V] for every position (or [B, V] for the
-last one with `last_only=True`), `.hidden(tokens, start_pos=0)` the final-normed states [B, S, D] before the head;
-`setup_cache` switches on the KV cache for incremental decoding; `sample` (greedy, temperature, top-p) and
-`generate` run autoregressive generation like the official `generate.py` (`cuda_graph=True`: the decode steps
-replayed as one CUDA graph, `DecodeGraph`, with the position as a device tensor);
-`load_hf_checkpoint` reads a transformers-format DeepSeek-V3 directory (sharded safetensors, per-expert keys stacked
-into `experts.w1/w2/w3`, FP8 weights dequantised with their 128×128 `weight_scale_inv` blocks or, with
-`dtype="fp8"`, kept in FP8 (`FP8Linear`, `FP8Experts`: `use_fp8`, also used for `ModelArgs.dtype == "fp8"`), the MTP
-layer reported). Official code: `Block`, `Transformer` in `inference/model.py`, `sample`/`generate` in `generate.py`,
-`convert.py` for the renaming; transformers: `DeepseekV3DecoderLayer`, `DeepseekV3ForCausalLM`. Divergences: logits
-for every position by default (official: last only); top-p sampling added (official: temperature only); weights
-initialised N(0, init_std) ([V3] §4.2; official: uninitialised). See shared/reference/deepseek_v3.md §3.2, §3.9, §4, §5.
+Official: `Block`, `Transformer` in `inference/model.py`, `convert.py` for the renaming; transformers:
+`DeepseekV3DecoderLayer`, `DeepseekV3ForCausalLM`. Divergences: logits for every position by default (official:
+last only); weights initialised N(0, init_std) ([V3] §4.2; official: uninitialised).
+
+Reference: [docs/deepseek_v3.md §5 and §6.2](../docs/deepseek_v3.md#5-checkpoint-layout).
 
 Generated from notebooks/07_model.ipynb.
 """
@@ -23,23 +21,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lite.attention import MLA
 from dsv3_lite.config import ModelArgs, official_param_name
 from dsv3_lite.embedding import Embedding, Head
 from dsv3_lite.ffn import MLP
-from dsv3_lite.kernels.fp8 import FP8, FP8Linear, weight_dequant_ref, weight_quant_ref
-from dsv3_lite.moe import Experts, FP8Experts, MoE
+from dsv3_lite.fp8 import FP8, use_fp8, weight_dequant_ref, weight_quant_ref
+from dsv3_lite.moe import MoE
 from dsv3_lite.norm import RMSNorm
 from dsv3_lite.rope import precompute_freqs_cis
 
-__all__ = ['Block', 'Transformer', 'use_fp8', 'top_p_probs', 'sample', 'generate', 'DecodeGraph', 'dequantize_fp8', 'checkpoint_files', 'load_hf_checkpoint']
+__all__ = ['Block', 'Transformer', 'dequantize_fp8', 'checkpoint_files', 'load_hf_checkpoint']
 
 
 # --- notebooks/07_model.ipynb, cell 6 (id 468e1b1c)
@@ -75,8 +71,9 @@ class Transformer(nn.Module):
     `model.hidden(tokens, start_pos)` returns the final-normed hidden states [B, S, D] that the head turns into logits
     (`model.head(model.hidden(t)) == model(t)`); the MTP module (notebook 09) starts from them.
     For one-token steps on the cache, start_pos may be a 0-dim int64 tensor on the model's device (absorbed attention):
-    the step then reads nothing on the host and a CUDA graph can capture it (`DecodeGraph`); in that case neither the
-    position nor the token ids are range-checked (that would need the host).
+    the step then reads nothing on the host and a CUDA graph can capture it (`DecodeGraph`).
+    `hidden` (and so `forward`) checks its input once per step, the layers do not: token ids are range-checked only on
+    the CPU, and a tensor start_pos is never read (on a GPU both would wait for the device).
 
     Attributes:
         args: the `ModelArgs`; embed: `Embedding`; layers: `n_layers` × `Block`; norm: final `RMSNorm`; head: `Head`.
@@ -96,7 +93,7 @@ class Transformer(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=args.init_std)
         if args.dtype == "fp8":
-            use_fp8(self.layers, args.scale_fmt)  # FP8 weights for inference (section 6)
+            use_fp8(self.layers, args.scale_fmt)  # FP8 weights for inference (notebook 08)
 
     def freqs_cis(self, device: torch.device) -> torch.Tensor:
         """The RoPE table on `device` (recomputed after a meta-device build, moved once per device)."""
@@ -118,27 +115,68 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Final-normed hidden states [B, S, D] of tokens [B, S] at positions start_pos … start_pos+S−1: embedding →
         blocks → final norm, everything but the head (the input of the head and of MTP module 1, notebook 09)."""
+        self._check_input(tokens, start_pos)
+        seqlen = tokens.shape[1]
+        h = self.embed(tokens)                                                  # [B, S, D]
+        if isinstance(start_pos, torch.Tensor):  # a decode step with its position on the device (CUDA graphs)
+            freqs_cis = self.freqs_cis(h.device).index_select(0, start_pos.view(1))  # [1, d_R/2], gathered on the device
+        else:
+            freqs_cis = self.freqs_cis(h.device)[start_pos:start_pos + seqlen]  # [S, d_R/2]
+        mask = "causal" if seqlen > 1 else None  # causal_mask(S, start_pos), built (or fused) by each MLA
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        return self.norm(h)                                                     # [B, S, D]
+
+    def _check_input(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> None:
+        """Every check of one step, made once here instead of in each layer: shapes, dtypes, Python ints and the
+        cache's size only, so nothing is read back from the GPU. Token ids are range-checked only on the CPU."""
         if tokens.dim() != 2:
             raise ValueError(f"Transformer: tokens.shape = {tuple(tokens.shape)} is not allowed: tokens must be [B, S]")
-        seqlen = tokens.shape[1]
-        if isinstance(start_pos, torch.Tensor):  # a decode step with its position on the device (CUDA graphs)
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"Transformer: tokens.dtype = {tokens.dtype} is not allowed: token ids must be int32 or "
+                             "int64")
+        if tokens.device.type == "cpu" and tokens.numel():  # on a GPU, min() and max() would wait for the device
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.args.vocab_size:
+                raise ValueError(f"Transformer: token id {lo if lo < 0 else hi} is not allowed: ids must lie in "
+                                 f"[0, vocab_size={self.args.vocab_size})")
+        bsz, seqlen = tokens.shape
+        on_device = isinstance(start_pos, torch.Tensor)
+        if on_device:
             if start_pos.dim() != 0 or start_pos.dtype != torch.int64 or seqlen != 1 \
                     or start_pos.device != self.embed.weight.device:
                 raise ValueError(f"Transformer: start_pos = {start_pos!r} with S = {seqlen} is not allowed: a tensor "
                                  "start_pos must be a 0-dim int64 tensor on the model's device "
                                  f"({self.embed.weight.device}), for one-token steps (S = 1); pass an int otherwise")
-            h = F.embedding(tokens, self.embed.weight)  # [B, 1, D]: Embedding's id check would read the ids on the host
-            freqs_cis = self.freqs_cis(h.device).index_select(0, start_pos.view(1))  # [1, d_R/2], gathered on the device
-        else:
-            if not isinstance(start_pos, int) or start_pos < 0 or start_pos + seqlen > self.args.max_seq_len:
-                raise ValueError(f"Transformer: start_pos = {start_pos} with S = {seqlen} is not allowed: start_pos >= 0 "
-                                 f"and start_pos + S <= max_seq_len = {self.args.max_seq_len}")
-            h = self.embed(tokens)                                              # [B, S, D]
-            freqs_cis = self.freqs_cis(h.device)[start_pos:start_pos + seqlen]  # [S, d_R/2]
-        mask = "causal" if seqlen > 1 else None  # causal_mask(S, start_pos), built (or fused) by each MLA
-        for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
-        return self.norm(h)                                                 # [B, S, D]
+        elif not isinstance(start_pos, int) or start_pos < 0 or start_pos + seqlen > self.args.max_seq_len:
+            raise ValueError(f"Transformer: start_pos = {start_pos} with S = {seqlen} is not allowed: start_pos >= 0 "
+                             f"and start_pos + S <= max_seq_len = {self.args.max_seq_len}")
+        cache = self.layers[0].attn.cache_shape   # (batch_size, seq_len) or None: setup_cache sets every layer's
+        if cache is None:
+            if on_device:
+                raise ValueError("Transformer: a tensor start_pos without a KV cache is not allowed: call "
+                                 "setup_cache(batch_size, seq_len) first")
+            if start_pos != 0:
+                raise ValueError(f"Transformer: start_pos = {start_pos} is not allowed without a KV cache: call "
+                                 "setup_cache(batch_size, seq_len) first, or use start_pos = 0")
+            return
+        forms = {(layer.attn.attn_impl, layer.attn.cache_impl) for layer in self.layers}  # (form now, cache's form)
+        if on_device and any(impl != "absorb" for impl, _ in forms):
+            raise ValueError("Transformer: a tensor start_pos with attn_impl = 'naive' is not allowed: only the "
+                             "absorbed form ('absorb') takes one; pass start_pos as an int")
+        for impl, made_for in forms:
+            if impl != made_for:
+                raise ValueError(f"Transformer: attn_impl = {impl!r} is not allowed with a cache made for "
+                                 f"{made_for!r}: call setup_cache again after switching forms")
+        if bsz > cache[0]:
+            raise ValueError(f"Transformer: batch size B = {bsz} is not allowed: the cache holds {cache[0]} "
+                             "sequences (see setup_cache)")
+        if not on_device and start_pos + seqlen > cache[1]:
+            raise ValueError(f"Transformer: start_pos = {start_pos} with S = {seqlen} is not allowed: start_pos + S "
+                             f"must be <= the cache length {cache[1]}")
+        if torch.is_grad_enabled() and self.embed.weight.requires_grad:
+            raise RuntimeError("Transformer: the KV cache is for inference: run under torch.no_grad() (or "
+                               "torch.inference_mode()), or call reset_cache() to train without one")
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False
                 ) -> torch.Tensor:
@@ -147,171 +185,7 @@ class Transformer(nn.Module):
         return self.head(self.hidden(tokens, start_pos), last_only=last_only)   # [B, S, V] or [B, V], float32
 
 
-# --- notebooks/07_model.ipynb, cell 11 (id 911558a0)
-def use_fp8(module: nn.Module, scale_fmt: str | None = None) -> nn.Module:
-    """Store the big matrices of `module` in FP8, in place (what `Transformer` does for `ModelArgs.dtype == "fp8"`).
-
-    Every `nn.Linear` (attention projections, dense FFN, shared experts) becomes an `FP8Linear` and every stacked
-    `Experts` an `FP8Experts`, quantised per 128×128 block (08); the gate, head, norms and embedding stay in high
-    precision, as in DeepSeek-V3. A linear whose input width is not a multiple of 128 stays high precision too (its
-    activations cannot be cut into 1×128 tiles; no DeepSeek-V3 matrix is like that, only toy configurations).
-    Inference only: FP8 weights are buffers, not parameters. Returns `module`.
-    """
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.in_features % 128 == 0:
-                w = child.weight
-                new = FP8Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                scale_fmt=scale_fmt, device=w.device) if w.is_meta \
-                    else FP8Linear.from_linear(child, scale_fmt=scale_fmt)
-                setattr(parent, name, new)
-            elif isinstance(child, Experts) and child.dim % 128 == 0 and child.inter_dim % 128 == 0:
-                setattr(parent, name, FP8Experts.from_experts(child, scale_fmt=scale_fmt))
-    return module
-
-
-# --- notebooks/07_model.ipynb, cell 15 (id 580343a2)
-def top_p_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution `sample` draws from: softmax(logits / temperature) restricted to the top-p nucleus (the
-    smallest set of most probable tokens with mass >= top_p) and renormalised, so each row sums to 1.
-
-    logits [B, V] (or [V]) -> probabilities [B, V] float32; temperature > 0 (greedy has no distribution). Also used
-    by speculative sampling (`dsv3_lite.speculative`), which needs the probabilities themselves.
-    """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)              # [B, V]
-    if top_p < 1:
-        p_sorted, order = probs.sort(dim=-1, descending=True)
-        outside = p_sorted.cumsum(-1) - p_sorted >= top_p                     # mass before this token already >= p
-        probs = torch.zeros_like(probs).scatter_(-1, order, p_sorted.masked_fill(outside, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)                           # renormalise the nucleus
-    return probs
-
-
-# --- notebooks/07_model.ipynb, cell 16 (id 032b58bc)
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [B] from logits [B, V]: greedy if temperature == 0, else a draw from `top_p_probs(logits,
-    temperature, top_p)` (softmax(logits / T) restricted to the top-p nucleus).
-
-    >>> sample(torch.tensor([[0.0, 3.0, 1.0]]))
-    tensor([1])
-    """
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"sample: temperature = {temperature}, top_p = {top_p} is not allowed: temperature >= 0 "
-                         "and 0 < top_p <= 1")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(top_p_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
-
-
-# --- notebooks/07_model.ipynb, cell 19 (id d4d4fe80)
-@torch.no_grad()
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
-             cuda_graph: bool = False) -> list[list[int]]:
-    """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens; returns the new tokens per prompt
-    (cut after `eos_id`). Uses the KV cache (allocated here for the batch, freed at the end).
-
-    `cuda_graph=True`: after the eager prefill, the first one-token step is captured in a CUDA graph (`DecodeGraph`,
-    below) and every later step replays it. The captured step attends over the whole allocated cache with the later
-    rows masked, so in bf16 its logits can round differently from an eager step's (0.6% on a random-weight 671B
-    slice, where greedy tokens then parted at a near tie; identical tokens on the small bf16 model of
-    tests/test_cuda_graph.py). It needs a model on a CUDA GPU with
-    `attn_impl="absorb"`; otherwise it raises ValueError rather than falling back to eager steps without saying so."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens = {max_new_tokens} is not allowed: it must be >= 1")
-    lens = [len(p) for p in prompts]
-    total = max(lens) + max_new_tokens
-    if total > model.args.max_seq_len:
-        raise ValueError(f"generate: longest prompt ({max(lens)}) + max_new_tokens ({max_new_tokens}) = {total} is not "
-                         f"allowed: at most max_seq_len = {model.args.max_seq_len}")
-    device = model.head.weight.device
-    if cuda_graph and any(layer.attn.attn_impl != "absorb" for layer in model.layers):
-        raise ValueError("generate: cuda_graph=True is not allowed with attn_impl='naive': the captured step needs "
-                         "the absorbed attention (attn_impl='absorb')")
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(f"generate: cuda_graph=True is not allowed for a model on {device}: CUDA graphs need the "
-                         "model on a CUDA GPU; use cuda_graph=False")
-    tokens = torch.full((len(prompts), total), -1, dtype=torch.long, device=device)       # [B, T], -1 = not yet known
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-    is_prompt = tokens != -1
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    model.setup_cache(len(prompts), total)
-    graph = None
-    try:
-        prev = 0
-        for cur in range(min(lens), total):
-            if cuda_graph and prev > 0:                 # a decode step after the eager prefill: one token, replayed
-                graph = graph or DecodeGraph(model, tokens[:, prev:cur], prev)   # captured at the first one
-                logits = graph(tokens[:, prev:cur], prev)                                # [B, V]
-            else:
-                logits = model(tokens[:, prev:cur], start_pos=prev, last_only=True)      # [B, V]
-            nxt = torch.where(is_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
-            tokens[:, cur] = nxt
-            if eos_id is not None:
-                done |= ~is_prompt[:, cur] & (nxt == eos_id)
-                if bool(done.all()):
-                    break
-            prev = cur
-    finally:
-        graph = None                                    # release the graph's memory pool before the cache
-        model.reset_cache()
-    out = []
-    for i, n in enumerate(lens):
-        new = [t for t in tokens[i, n:n + max_new_tokens].tolist() if t != -1]
-        out.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
-    return out
-
-
-# --- notebooks/07_model.ipynb, cell 25 (id 9b296041)
-class DecodeGraph:
-    """One decode step of `model` captured in a CUDA graph: token ids [B, 1] at a position held in a 0-dim device
-    tensor -> last-position logits [B, V] float32 (what `model(tokens, start_pos, last_only=True)` returns).
-
-    `DecodeGraph(model, tokens, start_pos)` warms the step up on a side stream, then captures it
-    (`torch.cuda.CUDAGraph`); `graph(tokens, start_pos)` copies the ids and the position into the static buffers,
-    replays, and returns the static logits tensor (overwritten by the next call). Needs a CUDA model whose KV cache is
-    allocated (`setup_cache`) and stays allocated, absorbed attention, and bf16 MoE experts (float32 and FP8 experts
-    read routing counts on the host). The warm-up runs the given step for real: pass the actual next step.
-    """
-
-    @torch.no_grad()
-    def __init__(self, model: Transformer, tokens: torch.Tensor, start_pos: int, warmup: int = 3):
-        device = model.head.weight.device
-        if device.type != "cuda":
-            raise ValueError(f"DecodeGraph: a model on {device} is not allowed: CUDA graphs need a CUDA GPU")
-        self.tokens = tokens.to(device, torch.long, copy=True)                # [B, 1] static token ids
-        self.pos = torch.tensor(start_pos, dtype=torch.long, device=device)   # 0-dim static position
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):                                        # warm-up outside the capture
-            for _ in range(warmup):
-                model(self.tokens, self.pos, last_only=True)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph):
-                self.logits = model(self.tokens, self.pos, last_only=True)  # [B, V] float32, static output
-        except RuntimeError as e:
-            raise RuntimeError("DecodeGraph: capturing the decode step failed; every operation of the step must run "
-                               "without reading device values on the host (.item(), .tolist(), bool(tensor)), "
-                               f"e.g. bf16 experts rather than float32 or FP8 ones: {e}") from e
-
-    @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        if tokens.shape != self.tokens.shape:
-            raise ValueError(f"DecodeGraph: tokens.shape = {tuple(tokens.shape)} is not allowed: the graph was "
-                             f"captured for {tuple(self.tokens.shape)}")
-        self.tokens.copy_(tokens)
-        self.pos.fill_(start_pos)                  # a kernel argument, not a host-to-device copy: no sync
-        self.graph.replay()
-        return self.logits                         # [B, V]
-
-
-# --- notebooks/07_model.ipynb, cell 31 (id f8610b9b)
+# --- notebooks/07_model.ipynb, cell 30 (id f8610b9b)
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """FP8 block-quantised weight [N, K] and its `weight_scale_inv` [⌈N/128⌉, ⌈K/128⌉] -> `dtype` [N, K]:
@@ -323,7 +197,7 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 1
     return weight_dequant_ref(weight, scale_inv.float(), block, dtype)   # 08's reference, after the loader's check
 
 
-# --- notebooks/07_model.ipynb, cell 34 (id 6d73c0a5)
+# --- notebooks/07_model.ipynb, cell 33 (id 6d73c0a5)
 def _hf_to_ours(name: str, n_layers: int) -> tuple[str | None, int | None]:
     """HF tensor name -> (our parameter name, expert row or None); (None, layer) for layers >= n_layers (MTP)."""
     ours = official_param_name(name)                        # layers.3.ffn.experts.17.w1.weight, head.weight, ...

@@ -1,19 +1,18 @@
 """06 · DeepSeekMoE: gate, experts and auxiliary-loss-free balancing
 
-DeepSeekMoE as used by DeepSeek-V3: one shared expert plus fine-grained routed experts, each a SwiGLU FFN.
+DeepSeekMoE as DeepSeek-V3 uses it (arXiv:2412.19437 §2.1.2, eqs. 12-20): one shared expert plus fine-grained routed
+experts, each a SwiGLU FFN, chosen per token by a sigmoid gate with group-limited top-k.
 
-The gate (arXiv:2412.19437 §2.1.2, eqs. 12-16): sigmoid affinities `s_i`; a per-expert bias `b_i` used only to
-*choose* experts (auxiliary-loss-free balancing); group-limited routing (groups scored by the sum of their top-2
-biased affinities, keep `n_limited_groups`, other groups masked with −inf); top-k; gate weights from the unbiased
-affinities normalised over the chosen experts, times `route_scale`. Softmax scoring with group max and no
-renormalisation is kept for the V2-style presets (arXiv:2405.04434 §2.2). Training-time pieces as functions:
-the bias update (§2.1.2, γ = 0.001) and the sequence-wise balance loss (eqs. 17-20, α = 0.0001).
-Experts are stored stacked (`w1`, `w3` [E, I, D], `w2` [E, D, I]) and run by a sorted dispatch (one
-`torch._grouped_mm` per matrix where available); the per-expert loop is kept as the readable reference.
-Official code: `Gate`, `Expert`, `MoE` in `inference/model.py`; transformers: `DeepseekV3TopkRouter`,
-`DeepseekV3Experts` (fused `gate_up_proj`), `DeepseekV3MoE`. Divergences: the bias is switched on by
-`ModelArgs.gate_bias` (official: `dim == 7168`); the gate computes in float32 like transformers (official: bf16);
-no 1e-20 in the renormalisation (official; transformers adds it). See shared/reference/deepseek_v3.md §2.4, §3.5-3.6.
+`Gate` (eqs. 13-16: a selection-only bias for auxiliary-loss-free balancing, groups scored by their top-2 and masked
+with −inf, unbiased weights renormalised over the chosen experts × `route_scale`; softmax scoring for the V2-style
+presets, arXiv:2405.04434 §2.2), `Experts` (stacked `w1`, `w3` [E, I, D] and `w2` [E, D, I], run by a sorted
+dispatch with grouped GEMMs; `experts_loop` is the readable reference), `MoE`, and the training-time `update_bias`
+(γ = 0.001) and `sequence_balance_loss` (eqs. 17-20). Official code: `Gate`, `Expert`, `MoE` in
+`inference/model.py`; transformers: `DeepseekV3TopkRouter`, `DeepseekV3Experts`, `DeepseekV3MoE`. Divergences: the
+bias is switched on by `ModelArgs.gate_bias` (official: `dim == 7168`); the gate computes in float32 like
+transformers (official: bf16); no 1e-20 in the renormalisation (transformers adds it).
+
+Reference: [docs/deepseek_v3.md §3.4, §4.5, §4.6 and §6.12–§6.17](../docs/deepseek_v3.md#45-gate).
 
 Generated from notebooks/06_moe.ipynb.
 """
@@ -26,10 +25,8 @@ from torch import nn
 
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.ffn import MLP
-from dsv3_lite.kernels import COMPILED
-from dsv3_lite.kernels import fp8 as _fp8
 
-__all__ = ['Gate', 'experts_loop', 'grouped_linear', 'experts_sorted', 'experts_few', 'Experts', 'MoE', 'FP8Experts', 'expert_load', 'update_bias', 'sequence_balance_loss']
+__all__ = ['Gate', 'experts_loop', 'grouped_linear', 'experts_sorted', 'experts_few', 'Experts', 'MoE', 'expert_load', 'update_bias', 'sequence_balance_loss']
 
 
 # --- notebooks/06_moe.ipynb, cell 18 (id 51b8c3b1)
@@ -65,8 +62,6 @@ class Gate(nn.Module):
         return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.dim() != 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"Gate: x.shape = {tuple(x.shape)} must be [N, dim={self.dim}]")
         s = self.scores(x)                                              # [N, E] unbiased, gives the weights
         choice = s if self.bias is None else s + self.bias              # [N, E] biased, only chooses
         if self.n_groups > 1:
@@ -236,8 +231,6 @@ class MoE(nn.Module):
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"MoE: input last dimension = {x.shape[-1]} must equal dim = {self.dim}")
         shape = x.shape
         x = x.reshape(-1, self.dim)                                      # [N, D] tokens
         weights, indices = self.gate(x)                                  # [N, k], [N, k]
@@ -247,89 +240,7 @@ class MoE(nn.Module):
         return y.view(shape)
 
 
-# --- notebooks/06_moe.ipynb, cell 43 (id 51fbaa34)
-class FP8Experts(nn.Module):
-    """`Experts` with FP8 weights (inference only; official `Expert` with `Linear(dtype=fp8)`, HF `FP8Expert`).
-
-    Buffers: `w1`, `w3` [E, I, D] and `w2` [E, D, I] float8_e4m3fn; `w1_scale`, `w3_scale` [E, ⌈I/128⌉, D/128] and
-    `w2_scale` [E, ⌈D/128⌉, I/128] float32 (checkpoint keys `experts.{e}.{gate,up,down}_proj.weight_scale_inv`).
-    D and I must be multiples of 128 (activation tiles). `forward(x [N, D], weights [N, k], indices [N, k]) -> [N, D]`,
-    per expert like the official code: `Σ_j weights[t, j] · w2(silu(w1 x) ⊙ w3 x)`, each product an FP8 GEMM with
-    activations quantised per 1×128 tile (`scale_fmt="ue8m0"`: power-of-two activation scales, V3.1).
-    """
-
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, scale_fmt: str | None = None, device=None):
-        super().__init__()
-        for name, v in (("dim", dim), ("inter_dim", inter_dim)):
-            if v <= 0 or v % _fp8.BLOCK:
-                raise ValueError(f"FP8Experts: {name} = {v} is not allowed: it must be a positive multiple of 128 "
-                                 "(one activation scale per 128 channels)")
-        if scale_fmt not in (None, "ue8m0"):
-            raise ValueError(f"FP8Experts: scale_fmt = {scale_fmt!r} is not allowed: None or 'ue8m0'")
-        self.n_experts, self.dim, self.inter_dim, self.scale_fmt = n_experts, dim, inter_dim, scale_fmt
-        for name, (N, K) in (("w1", (inter_dim, dim)), ("w2", (dim, inter_dim)), ("w3", (inter_dim, dim))):
-            self.register_buffer(name, torch.zeros(n_experts, N, K, dtype=_fp8.FP8, device=device))
-            self.register_buffer(name + "_scale", torch.ones(n_experts, -(-N // 128), K // 128, device=device,
-                                                             dtype=torch.float32))
-
-    @classmethod
-    def from_experts(cls, experts: Experts, scale_fmt: str | None = None) -> FP8Experts:
-        """Quantise the stacked weights of `experts` per expert and 128×128 block (as the checkpoint was made)."""
-        w = experts.w1
-        out = cls(experts.n_experts, experts.dim, experts.inter_dim, scale_fmt, device=w.device)
-        if w.is_meta:
-            return out
-        for name in ("w1", "w2", "w3"):
-            for e, m in enumerate(getattr(experts, name).detach()):
-                q, s = _fp8.weight_quant_ref(m)
-                getattr(out, name)[e], getattr(out, name + "_scale")[e] = q, s
-        return out
-
-    def _mm(self, a: torch.Tensor, a_s: torch.Tensor, name: str, e: int, out_dtype: torch.dtype) -> torch.Tensor:
-        """a_q [n, K] fp8 with tile scales [n, K/128] times expert e's matrix `name` -> [n, N]."""
-        w, s = getattr(self, name)[e], getattr(self, name + "_scale")[e]
-        if a.is_cuda and COMPILED:
-            return _fp8.fp8_gemm(a, a_s, w, s, out_dtype)
-        return _fp8.fp8_gemm_ref(a, a_s, w, s, out_dtype)                   # CPU / no Triton: the PyTorch reference
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                impl: str = "sorted") -> torch.Tensor:
-        if impl not in ("sorted", "loop"):
-            raise ValueError(f"FP8Experts: impl = {impl!r} is not allowed: choose 'sorted' or 'loop'")
-        N, k = indices.shape
-        out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
-        flat = indices.flatten()                                          # [N*k]
-        order = flat.argsort(stable=True)                                 # pairs grouped by expert
-        token = order // k                                                # [N*k] source token of each row
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync, then a loop over experts
-        xq, xs = _fp8.act_quant_ref(x, scale_fmt=self.scale_fmt)          # [N, D] fp8, [N, D/128]: tiles are rows,
-        xq, xs = xq[token], xs[token]                                     # so quantising before the gather is exact
-        ys, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                h = (F.silu(self._mm(xq[rows], xs[rows], "w1", e, out_dtype).float())
-                     * self._mm(xq[rows], xs[rows], "w3", e, out_dtype).float()).to(x.dtype)     # [n, I]
-                ys.append(self._mm(*_fp8.act_quant_ref(h, scale_fmt=self.scale_fmt), "w2", e, out_dtype))
-            start += n
-        ys = torch.cat(ys).to(x.dtype) * weights.flatten()[order, None].to(x.dtype)   # [N*k, D], gate weight last
-        return torch.zeros_like(x).index_add_(0, token, ys)                # [N, D]
-
-    def _apply(self, fn, recurse=True):
-        # like FP8Linear: `.to(dtype)` must not cast the FP8 weights or their float32 scales, only move them
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            if old is not None and self._buffers[name].dtype != old.dtype:
-                self._buffers[name] = old.to(self._buffers[name].device)
-        return self
-
-    def extra_repr(self) -> str:
-        return (f"n_experts={self.n_experts}, dim={self.dim}, inter_dim={self.inter_dim}, float8_e4m3fn with "
-                "128x128 block scales" + (f", scale_fmt={self.scale_fmt}" if self.scale_fmt else ""))
-
-
-# --- notebooks/06_moe.ipynb, cell 51 (id b2454642)
+# --- notebooks/06_moe.ipynb, cell 47 (id b2454642)
 def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Tokens routed to each expert: indices [..., k] -> counts [E] (long).
 
@@ -355,7 +266,7 @@ def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float = 1e-3) -> 
     return bias.add_(gamma * torch.sign(load.mean() - load))
 
 
-# --- notebooks/06_moe.ipynb, cell 56 (id bd697bb0)
+# --- notebooks/06_moe.ipynb, cell 52 (id bd697bb0)
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float = 1e-4) -> torch.Tensor:
     """Complementary sequence-wise balance loss ([V3] eqs. 17-20), averaged over the batch.
 

@@ -1,18 +1,20 @@
 """09 · Multi-token prediction and self-speculative decoding
 
-Multi-token prediction (MTP) of DeepSeek-V3 (arXiv:2412.19437 §2.2, eqs. 21-25, Fig. 3; values in §4.2): `D`
-sequential modules; module k combines the previous depth's hidden state with the embedding of the token k ahead,
-`h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])` (embedding first, as in the released weights and
-transformers; the paper's eq. 21 writes the hidden state first), runs one Transformer block (MoE for V3) and
-predicts token i+k+1 through `shared_head.norm` and the output head shared with the main model; the loss is
-`L_MTP = (λ/D) Σ_k L^k_MTP` with `L^k` normalised by 1/T (eq. 24). `add_mtp` attaches the modules as `model.mtp`,
-`mtp_logits` / `mtp_loss` train them, `load_mtp` reads the extra layer `model.layers.{num_hidden_layers + k}.*` of a
-transformers-format checkpoint (enorm, hnorm, eh_proj, shared_head.norm, the block; the copies of the embedding
-and head are checked against the main model's). Official code: none (DeepSeek's `convert.py` drops layer 61);
-transformers 5.24: `MtpLayer`/`MtpModel` in `modeling_layers.py` (fed the final-normed hidden state, as here).
-Divergences: the MTP block's RoPE positions are those of the embedded tokens (transformers' choice); module k > 1
-receives the previous module's *normed* output (transformers' `post_norm` chain; the paper does not say).
-See shared/reference/deepseek_v3.md §2.5, §3.7 and trap 9. Self-speculative decoding is in `dsv3_lite.speculative`.
+Multi-token prediction (MTP) of DeepSeek-V3 ([V3] §2.2, eqs. 21-25, Fig. 3; values in §4.2): `D` sequential
+modules; module k combines the previous depth's hidden state with the embedding of the token k ahead,
+`h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])`, runs one Transformer block (MoE for V3) and predicts
+token i+k+1 through `shared_head.norm` and the output head shared with the main model. `add_mtp` attaches the
+modules as `model.mtp`, `mtp_logits` / `mtp_loss` train them (`L_MTP = (λ/D) Σ_k L^k_MTP`, eq. 24), `load_mtp`
+reads the extra layer `model.layers.{num_hidden_layers + k}.*` of a transformers-format checkpoint.
+Self-speculative decoding with the MTP module is in `dsv3_lite.speculative`, exported by this notebook too.
+
+Official code: none (DeepSeek's `convert.py` drops layer 61); transformers 5.24: `MtpLayer`/`MtpModel` in
+`modeling_layers.py` (fed the final-normed hidden state, as here). Divergences: the embedding comes first in the
+concatenation, as in the released weights and transformers (eq. 21 writes the hidden state first); the MTP block's
+RoPE positions are those of the embedded tokens (transformers' choice); module k > 1 receives the previous module's
+*normed* output (transformers' `post_norm` chain; the paper does not say).
+
+Reference: [docs/deepseek_v3.md §3.5, §4.7, §6.19 and §6.20](../docs/deepseek_v3.md#47-multi-token-prediction-module).
 
 Generated from notebooks/09_mtp.ipynb.
 """

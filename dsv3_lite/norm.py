@@ -1,12 +1,15 @@
 """01 · RMSNorm
 
-Root-mean-square normalisation, the only normalisation in DeepSeek-V3, and a Triton kernel for it.
+Root-mean-square normalisation, the only normalisation in DeepSeek-V3: `rms_norm_ref` (the formula), `rms_norm`
+(the same numbers through PyTorch's fused kernel) and the `RMSNorm` module.
 
-Implements the RMSNorm of DeepSeek-V3 (arXiv:2412.19437, §2.1 and §4.2: pre-norm of every attention and FFN/MoE
-sub-layer, the query and KV latent norms, the final norm, the MTP norms). Official code: `RMSNorm` in
-`inference/model.py` (calls `F.rms_norm`); transformers: `DeepseekV3RMSNorm`. We follow transformers'
-numerics (normalise in float32, cast to the input dtype, then scale by the weight); the official code multiplies by
-the weight before casting, which differs in the last bit of some bf16 elements (shared/reference/deepseek_v3.md §3.1).
+DeepSeek-V3 (arXiv:2412.19437, §2.1 and §4.2) normalises before every attention and FFN/MoE sub-layer, the query and
+KV latents inside MLA, after the last layer and in the MTP module. Official code: `RMSNorm` in `inference/model.py`;
+transformers: `DeepseekV3RMSNorm`, whose order of operations we follow (normalise in float32, cast to the input
+dtype, then scale by the weight; the official code scales before casting, which changes the last bit of some bf16
+elements). The Triton kernel of the notebook lives in `dsv3_lite.kernels.rmsnorm`.
+
+Reference: [docs/deepseek_v3.md §4.1 and §6.1](../docs/deepseek_v3.md#41-rmsnorm).
 
 Generated from notebooks/01_rmsnorm.ipynb.
 """
@@ -15,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3_lite.kernels import tl, triton
-
-__all__ = ['rms_norm_ref', 'rms_norm', 'RMSNorm', 'rms_norm_triton']
+__all__ = ['rms_norm_ref', 'rms_norm', 'RMSNorm']
 
 
 # --- notebooks/01_rmsnorm.ipynb, cell 16 (id 98a232c7)
@@ -75,53 +76,3 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
-
-
-# --- notebooks/01_rmsnorm.ipynb, cell 31 (id 53347699)
-@triton.jit
-def _rms_norm_fwd_kernel(
-    X,                      # input, [M, N], rows `stride_x` apart, last dim contiguous
-    W,                      # weight, [N]
-    Y,                      # output, [M, N], rows `stride_y` apart
-    M,                      # number of rows
-    N,                      # row width (e.g. 7168)
-    stride_x,               # elements between consecutive rows of X
-    stride_y,               # elements between consecutive rows of Y
-    eps,                    # added to the mean square
-    BLOCK_M: tl.constexpr,  # rows per program: several narrow rows (kv_norm's 512) share one program
-    BLOCK_N: tl.constexpr,  # power of two >= N: a program holds whole rows
-):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)   # [BLOCK_M]
-    cols = tl.arange(0, BLOCK_N)                                              # [BLOCK_N]
-    mask = (rows[:, None] < M) & (cols[None, :] < N)                          # ragged last block, padded width
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)                     # [BLOCK_M]; masked lanes add 0
-    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = (x * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32) * w[None, :]  # round like rms_norm, then scale
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-
-
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm forward with the Triton kernel; same numbers as `rms_norm` (forward only, no autograd).
-
-    Runs compiled on a CUDA tensor and through the Triton interpreter on a CPU tensor (see `dsv3_lite.kernels`).
-    `x` is [..., N] with a contiguous last dimension; `weight` is [N] and has x's dtype.
-    """
-    if x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"rms_norm_triton: x.shape[-1] = {x.shape[-1]} must equal weight.shape[0] = {weight.shape[0]}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"rms_norm_triton: weight.dtype = {weight.dtype} must equal x.dtype = {x.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"rms_norm_triton: x is on {x.device} but weight is on {weight.device}")
-    N = x.shape[-1]
-    x2 = x.reshape(-1, N)                                       # [M, N], a view when possible
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M, y = x2.shape[0], torch.empty_like(x2)
-    BLOCK_N = 1 << (N - 1).bit_length()                         # next power of two >= N
-    BLOCK_M = max(1, 4096 // BLOCK_N)                           # about 4096 elements per program
-    if M > 0:
-        _rms_norm_fwd_kernel[((M + BLOCK_M - 1) // BLOCK_M,)](
-            x2, weight.contiguous(), y, M, N, x2.stride(0), y.stride(0), eps,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=8 if BLOCK_M * BLOCK_N >= 4096 else 4)
-    return y.view(x.shape)

@@ -1,13 +1,17 @@
 """03 · Rotary position embedding and YaRN
 
-Rotary position embedding (RoPE, Su et al. 2021) in the interleaved pair layout of DeepSeek-V3 and its YaRN
-context extension (Peng et al. 2023; [V2] §3.1.4, [V3] §4.3: s = 40, α = 1, β = 32, √t = 0.1·ln s + 1), applied to
-the 64-dimensional decoupled RoPE query and key of MLA ([V3] eqs. 3 and 8). Official: `precompute_freqs_cis` and
-`apply_rotary_emb` in `inference/model.py`; transformers: `DeepseekV3RotaryEmbedding`,
-`_compute_yarn_parameters` (modeling_rope_utils.py) and `apply_rotary_pos_emb_interleave`. Divergences: YaRN applies
-only when `max_seq_len > original_seq_len` (official rule, kept here; HF always applies it when the rope type is
-yarn); HF returns the rotated pairs de-interleaved (even dims, then odd dims), we keep them interleaved like the
-official code: q·k is the same. See shared/reference/deepseek_v3.md §3.3 and traps 3, 4 and 6.
+Rotary position embedding (RoPE, Su et al. 2021) in the interleaved pair layout of DeepSeek-V3, and its YaRN
+context extension (Peng et al. 2023; [V2] §3.1.4, [V3] §4.3: s = 40, α = 1, β = 32, √t = 0.1·ln s + 1):
+`rope_frequencies` and `precompute_freqs_cis` build the per-position rotations, `apply_rotary_emb` rotates the
+64-dimensional decoupled RoPE query and key of MLA ([V3] eqs. 3 and 8).
+
+Official: `precompute_freqs_cis` and `apply_rotary_emb` in `inference/model.py`; transformers:
+`DeepseekV3RotaryEmbedding`, `_compute_yarn_parameters` (modeling_rope_utils.py), `apply_rotary_pos_emb_interleave`.
+Divergences: YaRN applies only when `max_seq_len > original_seq_len` (the official rule; HF applies it whenever the
+rope type is yarn); HF returns the rotated pairs de-interleaved (even dims, then odd dims), we keep them interleaved
+like the official code: q·k is the same.
+
+Reference: [docs/deepseek_v3.md §4.3 and §6.3–§6.6](../docs/deepseek_v3.md#43-rope-and-yarn).
 
 Generated from notebooks/03_rope.ipynb.
 """

@@ -1,10 +1,12 @@
 """Self-speculative decoding with the MTP module: the MTP head drafts the token after next, the main model verifies
 it in the same forward pass that produces the next token ([V3] §5.4.3: 85-90 % acceptance, 1.8× tokens/s).
 
-Greedy decoding gives exactly the tokens of `dsv3_lite.model.generate`; with temperature > 0 the draft is accepted
-with probability min(1, p/q) and a rejection samples from max(0, p − q) (speculative sampling), so the output follows
-the main model's distribution. transformers 5.24: `MTPCandidateGenerator` (`generate(..., use_mtp=True)`).
+Greedy decoding gives exactly the tokens of `dsv3_lite.generation.generate`; with temperature > 0 the draft is
+accepted with probability min(1, p/q) and a rejection samples from max(0, p − q) (speculative sampling), so the output
+follows the main model's distribution. transformers 5.24: `MTPCandidateGenerator` (`generate(..., use_mtp=True)`).
 Batch size 1.
+
+Reference: docs/deepseek_v3.md §3.5.
 
 Generated from notebooks/09_mtp.ipynb.
 """
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3_lite.model import Transformer, sample, top_p_probs
+from dsv3_lite.generation import generate, sample, top_p_probs
+from dsv3_lite.model import Transformer
 
 __all__ = ['mtp_draft_step', 'verify_draft', 'SpeculativeStats', 'speculative_generate', 'compare_decoding']
 
@@ -79,6 +82,9 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
         raise ValueError("speculative_generate: the model has no MTP module to draft with: add_mtp/load_mtp first")
     if not prompt or not all(isinstance(t, int) for t in prompt):
         raise ValueError("speculative_generate: prompt must be a non-empty list of token ids (batch size 1)")
+    if min(prompt) < 0 or max(prompt) >= model.args.vocab_size:   # checked here, while the ids are Python ints
+        raise ValueError(f"speculative_generate: token id {min(prompt) if min(prompt) < 0 else max(prompt)} is not "
+                         f"allowed: ids must lie in [0, vocab_size={model.args.vocab_size})")
     if max_new_tokens < 1:
         raise ValueError(f"speculative_generate: max_new_tokens = {max_new_tokens} is not allowed: it must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -112,6 +118,9 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
             ok, y1 = verify_draft(logits[0], q, d, temperature, top_p, generator)
             if ok:
                 stats.accepted += 1
+                if d == eos_id:                                                          # the draft ends the text
+                    out.append(d)
+                    break
                 y2 = pick(logits[1])
                 out += [d, y2]
                 hm = mtp_draft_step(model, h2, toks.new_tensor([[d, y2]]), pos)         # pairs at pos, pos+1
@@ -138,8 +147,6 @@ def compare_decoding(model: Transformer, prompt: list[int], max_new_tokens: int 
     Returns {"plain_tok_s", "speculative_tok_s", "speedup", "acceptance_rate", "same_tokens", "tokens"}.
     """
     import time
-
-    from dsv3_lite.model import generate
 
     runs = {"plain": lambda: (generate(model, [prompt], max_new_tokens)[0], None),
             "speculative": lambda: speculative_generate(model, prompt, max_new_tokens)}

@@ -2,14 +2,12 @@
 
 Byte-level BPE from scratch, token-for-token identical to DeepSeek-V3's tokenizer, and a small one for the laptop model.
 
-DeepSeek-V3 reads text as byte-level BPE tokens: a vocabulary of 128K (128,000 BPE tokens plus 818 added tokens;
-the embedding has 129,280 rows) behind a three-stage regex pre-tokenizer (arXiv:2412.19437 §4.1). The release
-ships no tokenizer code: `tokenizer.json` and `tokenizer_config.json` come with the weights, and the official
-`inference/generate.py` loads them with transformers' `AutoTokenizer` (a `PreTrainedTokenizerFast`, backed by
-Hugging Face `tokenizers`).
-`BPETokenizer` reads and writes that `tokenizer.json` format and reproduces `tokenizers`' ids exactly, except on
-characters new in Unicode 17 (the `regex` package knows them, `tokenizers`' Oniguruma does not). The module also
-ships the Shakespeare corpus helpers (`dsv3_lite.data.corpus`, re-exported by `dsv3_lite.data`) and a 2,048-token tokenizer trained on it.
+DeepSeek-V3 reads text as byte-level BPE tokens: 128,000 BPE tokens plus added tokens behind a three-stage regex
+pre-tokenizer (arXiv:2412.19437 §4.1). The release ships no tokenizer code, only `tokenizer.json`, which the
+official `inference/generate.py` loads with transformers' `AutoTokenizer` (backed by Hugging Face `tokenizers`).
+`BPETokenizer` trains, reads and writes that format and gives `tokenizers`' ids exactly (except on characters new
+in Unicode 17). It needs only the standard library and `regex`; the Shakespeare corpus and the 2,048-token
+tokenizer trained on it live in `dsv3_lite.data.corpus`.
 
 Generated from notebooks/00_tokenization.ipynb.
 """
@@ -21,15 +19,12 @@ import importlib.util
 import json
 import operator
 from collections import Counter, defaultdict
-from importlib.resources import files
 from itertools import pairwise
 from pathlib import Path
 
 import regex
 
-from dsv3_lite.data import shakespeare, train_val_split
-
-__all__ = ['bytes_to_unicode', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'token_bytes', 'DEEPSEEK_V3_SPLITS', 'split_isolated', 'pre_tokenize', 'compile_splits', 'pair_counts', 'merge', 'learn_merges', 'bpe', 'BPETokenizer', 'deepseek_v3_tokenizer_file', 'load_tokenizer', 'DEEPSEEK_V3_SPECIAL_TOKENS', 'SHAKESPEARE_TOKENIZER_FILE', 'train_shakespeare_tokenizer', 'shakespeare_tokenizer']
+__all__ = ['bytes_to_unicode', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'token_bytes', 'DEEPSEEK_V3_SPLITS', 'split_isolated', 'pre_tokenize', 'compile_splits', 'pair_counts', 'merge', 'learn_merges', 'bpe', 'BPETokenizer', 'deepseek_v3_tokenizer_file', 'load_tokenizer', 'DEEPSEEK_V3_SPECIAL_TOKENS']
 
 
 # --- notebooks/00_tokenization.ipynb, cell 12 (id 7e5b0b8d)
@@ -338,7 +333,12 @@ class BPETokenizer:
     @classmethod
     def from_file(cls, path) -> BPETokenizer:
         """Read a byte-level BPE `tokenizer.json` (Hugging Face `tokenizers` format), e.g. DeepSeek-V3's."""
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls.from_str(Path(path).read_text(encoding="utf-8"))
+
+    @classmethod
+    def from_str(cls, text: str) -> BPETokenizer:
+        """The same, from the text of a `tokenizer.json` (e.g. the copy a training checkpoint carries)."""
+        d = json.loads(text)
         model = _field(d, "model", "")
         if _field(model, "type", "model") != "BPE":
             raise ValueError(f"tokenizer.json: model.type={model['type']!r}, only 'BPE' is supported")
@@ -409,17 +409,3 @@ def load_tokenizer(path):
 
 # --- notebooks/00_tokenization.ipynb, cell 50 (id 3845a79f)
 DEEPSEEK_V3_SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>")  # ids 0, 1, 2
-SHAKESPEARE_TOKENIZER_FILE = files("dsv3_lite") / "data" / "shakespeare_tokenizer.json"
-
-
-def train_shakespeare_tokenizer(vocab_size: int = 2048) -> BPETokenizer:
-    """Train the laptop tokenizer: DeepSeek-V3's pre-tokenizer and special tokens (ids 0-2), BPE on the training
-    split of `shakespeare()`. `train_shakespeare_tokenizer().save(SHAKESPEARE_TOKENIZER_FILE)` rebuilds the shipped
-    file (about 2 s on one core)."""
-    train, _ = train_val_split(shakespeare())
-    return BPETokenizer.train(train, vocab_size, special_tokens=DEEPSEEK_V3_SPECIAL_TOKENS)
-
-
-def shakespeare_tokenizer() -> BPETokenizer:
-    """The shipped laptop tokenizer (2,048 tokens, trained on Shakespeare), read from the package data."""
-    return BPETokenizer.from_file(SHAKESPEARE_TOKENIZER_FILE)

@@ -1,17 +1,12 @@
 """10 · Training the tiny model on a laptop
 
-Pre-training loop for DeepSeek-V3 style models on a CPU (arXiv:2412.19437 §4.2 for the optimiser and schedule,
-§2.1.2 and eqs. 17-20 for load balancing, §2.2 eqs. 24-25 for the MTP loss): AdamW (β1 0.9, β2 0.95, weight decay
-0.1 on matrices), linear warm-up then cosine, gradient clipping at 1.0, the loss `next-token CE + λ·L_MTP + Σ α·L_Bal`
-with the auxiliary-loss-free bias update (γ) after every step, evaluation on fixed validation windows, checkpoints
-in safetensors (model, AdamW state, RNG states, config and curves as JSON; written atomically; no pickle) with
-exact resume, and clear stops on a non-finite loss, Ctrl-C and a mismatched resume. `TrainConfig`, `Trainer`,
-`compute_loss`, `lr_at`, `save_checkpoint` / `read_checkpoint` / `load_model`. The notebook also exports
-`dsv3_lite.data.tokens` (streaming text -> memory-mapped token files) and `dsv3_lite.cli` (the `dsv3-lite`
-command). Official code: none (DeepSeek released inference code only); transformers has no DeepSeek-V3 training
-loop beyond `Trainer` with its generic loss. Divergences from V3: fp32 on CPU (V3: FP8 mixed precision), no
-constant-LR phase, batch-size ramp or context extension; the bias update compares each expert with the mean load
-(the paper does not state the rule). See shared/reference/deepseek_v3.md §2.4-2.6.
+DeepSeek-V3's pre-training loop at laptop scale: the loss `next-token CE + λ·L_MTP + Σ α·L_Bal` (arXiv:2412.19437
+§2.2 eqs. 24-25, §2.1.2 eqs. 17-20) with the auxiliary-loss-free bias update after every step, AdamW with warm-up
+and cosine (§4.2), evaluation on fixed windows, and pickle-free safetensors checkpoints (weights, AdamW and RNG
+state, the tokenizer) with exact resume and clear stops on a non-finite loss, Ctrl-C and a mismatched resume.
+DeepSeek released no training code. Differences from V3's recipe (its published values: docs/deepseek_v3.md §3.6):
+fp32 on CPU instead of FP8, no constant-LR phase or batch-size ramp, and a bias update that compares each expert
+with the mean load (the paper does not state the rule).
 
 Generated from notebooks/10_training.ipynb.
 """
@@ -19,6 +14,7 @@ Generated from notebooks/10_training.ipynb.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,13 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_lite.config import ModelArgs
+from dsv3_lite.data.corpus import SHAKESPEARE_TOKENIZER_FILE
 from dsv3_lite.data.tokens import TokenFile, eval_windows, load_splits, sample_windows
 from dsv3_lite.model import Transformer
 from dsv3_lite.moe import Gate, expert_load, sequence_balance_loss, update_bias
 from dsv3_lite.mtp import add_mtp, mtp_logits, mtp_loss
-from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
+from dsv3_lite.tokenizer import BPETokenizer
 
-__all__ = ['TrainConfig', 'RESUME_MAY_CHANGE', 'RouterRecorder', 'compute_loss', 'lr_at', 'make_optimizer', 'TrainingError', 'save_checkpoint', 'read_checkpoint', 'load_model', 'Trainer']
+__all__ = ['TrainConfig', 'RESUME_MAY_CHANGE', 'RouterRecorder', 'compute_loss', 'lr_at', 'make_optimizer', 'TrainingError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_tokenizer', 'load_model', 'Trainer']
 
 
 # --- notebooks/10_training.ipynb, cell 22 (id 3eb151fd)
@@ -178,13 +175,15 @@ class TrainingError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    param_names: list[str], meta: dict[str, Any], rng: dict[str, torch.Tensor]) -> Path:
+                    param_names: list[str], meta: dict[str, Any], rng: dict[str, torch.Tensor],
+                    tokenizer_json: str | None = None) -> Path:
     """Write model weights, AdamW state, RNG states and JSON metadata to one safetensors file, atomically.
 
     Tensors: `model.{name}` (parameters and buffers, e.g. the routing biases), `optim.{name}.{exp_avg,exp_avg_sq,
     step}`, `rng.{name}` (uint8 generator states). Metadata `dsv3_lite` (JSON): `meta` (config, step, history, ...)
-    plus the optimizer's hyperparameters. Written to a temporary file in the same folder, then `os.replace`d: a crash
-    mid-write leaves the previous checkpoint intact. No pickle anywhere.
+    plus the optimizer's hyperparameters; `tokenizer.json`: the text of the model's tokenizer, when given (read back
+    by `checkpoint_tokenizer`). Written to a temporary file in the same folder, then `os.replace`d: a crash mid-write
+    leaves the previous checkpoint intact. No pickle anywhere.
     """
     from safetensors.torch import save_file
 
@@ -198,6 +197,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
     metadata = {"dsv3_lite": json.dumps({**meta, "optimizer": {"param_groups": groups, "param_names": param_names}})}
+    if tokenizer_json is not None:
+        metadata["tokenizer.json"] = tokenizer_json
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -222,6 +223,34 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta)
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (read from its header; no tensor is loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def checkpoint_tokenizer(path: str | Path) -> BPETokenizer:
+    """The tokenizer a training checkpoint was trained with: the `tokenizer.json` stored in its metadata, so a copied
+    or moved checkpoint needs no other file. A checkpoint without one (written before checkpoints carried their
+    tokenizer) falls back to the file its metadata names, if that file still exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    metadata = _metadata(path)
+    if "tokenizer.json" in metadata:
+        return BPETokenizer.from_str(metadata["tokenizer.json"])
+    if "dsv3_lite" not in metadata:
+        raise ValueError(f"{path} is not a dsv3_lite training checkpoint (no 'dsv3_lite' metadata)")
+    named = json.loads(metadata["dsv3_lite"]).get("tokenizer")
+    if named and Path(named).is_file():
+        return BPETokenizer.from_file(named)
+    missing = f" and the file it names, {named}, does not exist" if named else ""
+    raise ValueError(f"checkpoint {path} holds no tokenizer{missing}: give the tokenizer.json the model was trained "
+                     "with (dsv3-lite generate --tokenizer PATH)")
+
+
 def _build_model(args: ModelArgs) -> Transformer:
     """A freshly initialised `Transformer(args)`, with its MTP module when `args.n_mtp_layers` > 0."""
     model = Transformer(args)
@@ -242,6 +271,26 @@ def load_model(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
 
 
 # --- notebooks/10_training.ipynb, cell 36 (id 6ad15670)
+def _data_tokenizer(data: str | None) -> tuple[str | None, str | None]:
+    """(path, text) of the tokenizer.json the training data was prepared with, read once so that every checkpoint
+    carries the tokenizer itself. (None, None) for data prepared from a `BPETokenizer` object; (path, None) when the
+    file is gone (a resumed run keeps its checkpoint's copy). A file changed since `prepare` is refused."""
+    if data is None:
+        path, header = Path(str(SHAKESPEARE_TOKENIZER_FILE)), {}
+    else:
+        header = TokenFile(Path(data) / "train.bin").header
+        if header.get("tokenizer") is None:
+            return None, None
+        path = Path(header["tokenizer"])
+    if not path.is_file():
+        return str(path), None
+    raw = path.read_bytes()
+    if header.get("tokenizer_sha256") not in (None, hashlib.sha256(raw).hexdigest()):
+        raise ValueError(f"Trainer: the tokenizer {path} changed after {Path(data) / 'train.bin'} was prepared with it "
+                         "(its sha256 differs from the token file's header): prepare the data again")
+    return str(path), raw.decode("utf-8")
+
+
 class Trainer:
     """Trains a `Transformer` (+ MTP) on a token file: `Trainer(cfg, out_dir).train()`.
 
@@ -267,8 +316,7 @@ class Trainer:
         self.optimizer, self.param_names = make_optimizer(self.model, cfg)
         self.recorder = RouterRecorder(self.model)
         self.train_tokens, self.val_tokens, self.chars_per_token = load_splits(cfg.data, cfg.val_fraction)
-        self.tokenizer_path = str(SHAKESPEARE_TOKENIZER_FILE) if cfg.data is None else \
-            TokenFile(Path(cfg.data) / "train.bin").header.get("tokenizer")     # saved with every checkpoint
+        self.tokenizer_path, self.tokenizer_json = _data_tokenizer(cfg.data)   # saved with every checkpoint
         self.gen = torch.Generator().manual_seed(cfg.seed)                  # batch order
         self.step, self.tokens_seen, self.interrupted, self._last_saved = 0, 0, False, None
         self.history: dict[str, list] = {"step": [], "loss": [], "main": [], "mtp": [], "balance": [], "lr": [],
@@ -347,13 +395,15 @@ class Trainer:
         if path is None:
             raise ValueError("Trainer.save: no path and no out_dir")
         rng = {"batches": self.gen.get_state(), "torch": torch.get_rng_state()}
-        save_checkpoint(path, self.model, self.optimizer, self.param_names, self._meta(), rng)
+        save_checkpoint(path, self.model, self.optimizer, self.param_names, self._meta(), rng, self.tokenizer_json)
         self._last_saved = self.step
         return path
 
     def load(self, path: str | Path) -> None:
         """Restore model, optimizer, RNG states, step and history from a checkpoint of the same configuration."""
         tensors, meta = read_checkpoint(path)
+        if self.tokenizer_json is None:                      # the data's tokenizer file is gone: keep the stored copy
+            self.tokenizer_json = _metadata(Path(path)).get("tokenizer.json")
         saved, now = meta["config"], dataclasses.asdict(self.cfg)
         diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
                 if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
@@ -410,6 +460,14 @@ class Trainer:
         try:
             while self.step < end and not self.interrupted:
                 rec = self.train_step()
+                now = time.monotonic()
+                if fit_schedule and (self.step - step0) % 10 == 3 and now < deadline:
+                    # re-fit the schedule to the clock, before `end` decides on evaluation and checkpoint below
+                    per_step = (now - t0) / (self.step - step0)
+                    cfg.steps = max(cfg.warmup + 1, self.step + 1 + int((deadline - now) / per_step))
+                    end = cfg.steps if steps is None else min(cfg.steps, step0 + steps)
+                    bar.total = end
+                    bar.refresh()
                 if self.step % cfg.eval_every == 0 or self.step == end:
                     self.history["val_step"].append(self.step)
                     self.history["val"].append(self.evaluate())
@@ -423,13 +481,6 @@ class Trainer:
                     on_step(self, rec)
                 if deadline is not None and time.monotonic() > deadline:
                     break
-                if fit_schedule and (self.step - step0) % 10 == 3:            # re-fit the schedule to the clock
-                    now = time.monotonic()
-                    per_step = (now - t0) / (self.step - step0)
-                    cfg.steps = max(cfg.warmup + 1, self.step + 1 + int((deadline - now) / per_step))
-                    end = cfg.steps if steps is None else min(cfg.steps, step0 + steps)
-                    bar.total = end
-                    bar.refresh()
             if self.step and not self.interrupted and self.history["val_step"][-1:] != [self.step]:
                 self.history["val_step"].append(self.step)             # stopped by the clock: evaluate once more
                 self.history["val"].append(self.evaluate())

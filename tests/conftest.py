@@ -1,4 +1,6 @@
-"""Import dsv3_lite before any test module imports transformers (which imports Triton): on a machine without a GPU,
-dsv3_lite.kernels must switch Triton's CPU interpreter on before Triton is first imported."""
+"""Set Triton up before any test module imports transformers (which imports Triton): on a machine without a GPU,
+`dsv3_lite.kernels.setup_triton()` must switch Triton's CPU interpreter on before Triton is first imported."""
 
-import dsv3_lite  # noqa: F401
+import dsv3_lite.kernels
+
+dsv3_lite.kernels.setup_triton()

@@ -1,6 +1,7 @@
 """The `dsv3-lite` command (dsv3_lite.cli, notebook 10), run as `python -m dsv3_lite.cli` and in-process."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -9,9 +10,10 @@ import time
 
 import pytest
 
-from dsv3_lite.cli import main
+from dsv3_lite.cli import build_parser, main
 from dsv3_lite.data import prepare, shakespeare
-from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE, BPETokenizer, shakespeare_tokenizer
+from dsv3_lite.data.corpus import SHAKESPEARE_TOKENIZER_FILE, shakespeare_tokenizer
+from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.train import read_checkpoint
 
 FAST = ["--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--threads", "1", "--quiet"]
@@ -45,6 +47,47 @@ def trained(data):
 def test_help():
     r = cli("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("prepare", "train", "generate", "demo"))
+
+
+def _help(capsys, *command) -> str:
+    """The --help text of a command, on one line."""
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_help_states_the_out_folder_the_command_uses(command, capsys):
+    stated = re.search(r"--out DIR checkpoint folder \(default:? ([^)]+)\)", _help(capsys, command)).group(1)
+    assert stated == build_parser().parse_args([command]).out
+
+
+def test_help_defaults_are_train_config_defaults(capsys):
+    """The parser states TrainConfig's defaults without importing it (--help must not load PyTorch)."""
+    from dsv3_lite.train import TrainConfig
+
+    cfg = TrainConfig()
+    assert f"ModelArgs preset (default {cfg.preset})" in _help(capsys, "train")
+    assert f"(default: the last {cfg.val_fraction:.0%} of train)" in _help(capsys, "prepare")
+
+
+def test_moved_checkpoint_generates_without_its_tokenizer_file(tmp_path, capsys):
+    """A checkpoint carries its tokenizer: moved elsewhere, with the tokenizer file it was trained with gone (as on
+    another machine), `generate` still works from the checkpoint alone."""
+    (tmp_path / "a.txt").write_text(shakespeare()[:60_000], encoding="utf-8")
+    tok_file = tmp_path / "tok" / "my_tokenizer.json"
+    tok_file.parent.mkdir()
+    shutil.copy(SHAKESPEARE_TOKENIZER_FILE, tok_file)
+    prepare([tmp_path / "a.txt"], tok_file, tmp_path / "data", workers=1, progress=False)
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "2", *FAST]) == 0
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(tmp_path / "run", moved)
+    shutil.rmtree(tmp_path / "tok")
+    shutil.rmtree(tmp_path / "data")
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(moved / "checkpoint.safetensors"), "--prompt", "ROMEO:",
+                 "--max-new-tokens", "5", "--threads", "1"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("ROMEO:")
 
 
 def test_train_resume_and_config_mismatch(data, trained, capsys):

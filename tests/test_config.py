@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_presets_match_the_official_configs():
-    """Spot values from inference/configs/*.json (reference §1.1)."""
+    """Spot values from the official inference/configs/*.json."""
     v3 = ModelArgs.preset("671B")
     assert (v3.vocab_size, v3.dim, v3.inter_dim, v3.moe_inter_dim) == (129280, 7168, 18432, 2048)
     assert (v3.n_layers, v3.n_dense_layers, v3.n_heads) == (61, 3, 128)
@@ -201,9 +201,4 @@ def test_embedding_and_head():
     h = torch.randn(3, 5, a.dim)
     assert head(h).shape == (3, 5, a.vocab_size) and head(h, last_only=True).shape == (3, a.vocab_size)
     assert torch.allclose(head(h)[:, -1], head(h, last_only=True), atol=1e-6)
-    with pytest.raises(ValueError, match="vocab_size=2048"):
-        emb(torch.tensor([[2048]]))
-    with pytest.raises(ValueError, match="-1"):
-        emb(torch.tensor([[-1]]))
-    with pytest.raises(ValueError, match="dtype"):
-        emb(torch.tensor([[1.0]]))
+    # bad token ids are refused by the model, once per step: test_model.py::test_token_ids_checked_at_the_boundary

@@ -1,5 +1,7 @@
-"""Decode steps captured in a CUDA graph (notebooks/07_model.ipynb, `DecodeGraph`, `generate(..., cuda_graph=True)`):
-the same greedy tokens and step logits as eager decoding, on a small bf16 model whose MoE layers run the grouped GEMM.
+"""Decode steps on a GPU (notebooks/07_model.ipynb): an eager step reads nothing back on the host (no device-to-host
+sync, the model's input checks included), and steps captured in a CUDA graph (`DecodeGraph`,
+`generate(..., cuda_graph=True)`) give the same greedy tokens and step logits as eager decoding, on a small bf16 model
+whose MoE layers run the grouped GEMM.
 
 Skipped without a CUDA GPU (CI has none; the CPU side, tensor start_pos == int start_pos and the errors, is in
 test_mla.py / test_model.py). Run on a GPU with `python -m pytest -o addopts="" tests/test_cuda_graph.py`.
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from dsv3_lite import ModelArgs, Transformer
-from dsv3_lite.model import DecodeGraph, generate
+from dsv3_lite.generation import DecodeGraph, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
 
@@ -59,3 +61,26 @@ def test_decode_graph_logits_equal_eager_steps(model):
     err = ((got - want).norm() / want.norm()).item()
     assert err < 1e-2, err                                                          # bf16: same math, other order
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype feature")
+@pytest.mark.parametrize("kind", ["int", "tensor"])
+def test_decode_step_makes_no_host_sync(model, kind):
+    """One decode step on the KV cache, absorbed attention, start_pos an int or a 0-dim device tensor: no operation
+    waits for the GPU (torch.cuda.set_sync_debug_mode("error") raises on any device-to-host sync)."""
+    assert all(layer.attn.attn_impl == "absorb" for layer in model.layers)
+    seq = torch.randint(0, ARGS.vocab_size, (2, 10), device="cuda")
+    pos = torch.tensor(8, device="cuda")
+    with torch.no_grad():
+        model.setup_cache(2, 16)
+        model(seq[:, :8], 0, last_only=True)                                       # prefill
+        model(seq[:, 8:9], 8 if kind == "int" else pos, last_only=True)            # warm-up: lazy init outside
+        pos.fill_(9)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = model(seq[:, 9:10], 9 if kind == "int" else pos, last_only=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        model.reset_cache()
+    assert logits.shape == (2, ARGS.vocab_size) and bool(torch.isfinite(logits).all())

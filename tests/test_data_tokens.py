@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dsv3_lite.data import prepare, shakespeare
+from dsv3_lite.data.corpus import SHAKESPEARE_TOKENIZER_FILE, shakespeare_tokenizer
 from dsv3_lite.data.tokens import HEADER_BYTES, TokenFile, eval_windows, sample_windows, shakespeare_tokens, text_chunks
-from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE, BPETokenizer, shakespeare_tokenizer
+from dsv3_lite.tokenizer import BPETokenizer
 
 TOK = str(SHAKESPEARE_TOKENIZER_FILE)
 
@@ -99,6 +100,68 @@ def test_bad_input(tmp_path):
         TokenFile(bad)
 
 
+
+def _token_file(path, header: dict, ids=()) -> str:
+    """Write a token file by hand: `header` as the JSON header, then `ids` as uint16."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(raw.ljust(HEADER_BYTES - 1) + b"\n" + np.asarray(ids, dtype=np.uint16).tobytes())
+    return str(path)
+
+
+GOOD = {"format": "dsv3_lite.tokens", "version": 1, "dtype": "uint16", "count": 3, "inputs": []}
+
+
+@pytest.mark.parametrize("edit, ids, message", [
+    ({"format": "other.tokens"}, [1, 2, 3], "not a dsv3_lite token file: header format = 'other.tokens', expected "
+                                            "'dsv3_lite.tokens'"),
+    ({"format": None}, [1, 2, 3], "header format = None"),
+    ({"dtype": "int64"}, [1, 2, 3], "header dtype = 'int64' is not allowed: 'uint16' or 'uint32'"),
+    ({"count": -1}, [], r"header count = -1 is not allowed: an int >= 0"),
+    ({"count": "3"}, [1, 2, 3], r"header count = '3' is not allowed"),
+    ({"inputs": None}, [1, 2, 3], "header inputs = None is not allowed: a list"),
+    ({}, [1, 2], "has 4,100 bytes, but its header promises 3 uint16 ids \\(4,102 bytes with the header\\): the file "
+                 "was truncated"),
+])
+def test_header_errors_name_the_file_and_the_field(tmp_path, edit, ids, message):
+    path = _token_file(tmp_path / "t.bin", {**GOOD, **edit}, ids)
+    with pytest.raises(ValueError, match=message) as e:
+        TokenFile(path)
+    assert str(e.value).startswith(f"TokenFile: {path}")
+    assert TokenFile(_token_file(tmp_path / "ok.bin", GOOD, [1, 2, 3])).tokens.tolist() == [1, 2, 3]
+
+
+def test_header_not_json(tmp_path):
+    for name, raw in [("short.bin", b"\x00" * 10), ("list.bin", b"[1, 2]".ljust(HEADER_BYTES)),
+                      ("binary.bin", b"\xff\xfe" * HEADER_BYTES)]:
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ValueError, match=f"TokenFile: .*{name} is not a dsv3_lite token file \\(no "
+                                              "'dsv3_lite.tokens' JSON header in its first 4096 bytes\\)"):
+            TokenFile(tmp_path / name)
+
+
+def test_header_checked_under_python_O(tmp_path):
+    """`python -O` removes asserts: the header checks must not be asserts."""
+    wrong_magic = _token_file(tmp_path / "magic.bin", {**GOOD, "format": "other.tokens"}, [1, 2, 3])
+    truncated = _token_file(tmp_path / "cut.bin", GOOD, [1])
+    code = textwrap.dedent("""
+        import sys
+        from dsv3_lite.data.tokens import TokenFile
+        print("optimize", sys.flags.optimize)
+        for path in sys.argv[1:]:
+            try:
+                TokenFile(path)
+                print("accepted", path)
+            except ValueError as e:
+                print("refused", e)
+    """)
+    r = subprocess.run([sys.executable, "-O", "-c", code, wrong_magic, truncated], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "optimize 1"
+    assert lines[1].startswith(f"refused TokenFile: {wrong_magic} is not a dsv3_lite token file: header format")
+    assert lines[2].startswith(f"refused TokenFile: {truncated} has 4,098 bytes")
+
 def test_windows():
     tokens = np.arange(1000, dtype=np.uint16)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -135,7 +198,7 @@ BIG = textwrap.dedent("""
     from pathlib import Path
     from dsv3_lite.data import prepare
     from dsv3_lite.data.tokens import TokenFile
-    from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
+    from dsv3_lite.data.corpus import SHAKESPEARE_TOKENIZER_FILE
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     line = ("ROMEO" + "and" * 330 + "\\n").encode()        # one long word per line: cheap to encode, 1 KB
     block = line * 1024

@@ -1,4 +1,4 @@
-"""SwiGLU FFN (notebooks/05_ffn.ipynb): equal to transformers' DeepseekV3MLP, the formula, gradients, bad input."""
+"""SwiGLU FFN (notebooks/05_ffn.ipynb): equal to transformers' DeepseekV3MLP, the formula, gradients, bad sizes."""
 
 from types import SimpleNamespace
 
@@ -63,8 +63,3 @@ def test_gradcheck_float64():
 def test_bad_sizes_name_the_field(dim, inter_dim, field):
     with pytest.raises(ValueError, match=rf"{field} = .* must be a positive integer"):
         MLP(dim, inter_dim)
-
-
-def test_wrong_input_width():
-    with pytest.raises(ValueError, match="last dimension = 7 must equal dim = 8"):
-        MLP(8, 4)(torch.randn(2, 7))

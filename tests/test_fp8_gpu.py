@@ -8,13 +8,13 @@ Skipped without a CUDA GPU (CI has none); run on the H200 with
 import pytest
 import torch
 
-from dsv3_lite import ModelArgs, Transformer
-from dsv3_lite.kernels import COMPILED
-from dsv3_lite.kernels import fp8 as F
-from dsv3_lite.model import generate
-from dsv3_lite.moe import Experts, FP8Experts
+import dsv3_lite.kernels.fp8 as KF
+from dsv3_lite import ModelArgs, Transformer, generate
+from dsv3_lite.fp8 import FP8Experts, FP8Linear, weight_dequant_ref
+from dsv3_lite.kernels import triton_mode
+from dsv3_lite.moe import Experts
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and COMPILED),
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and triton_mode() == "compiled"),
                                 reason="needs a CUDA GPU with Triton (the CPU path is tested in test_fp8/test_model)")
 
 # every matrix input width a multiple of 128, so every linear and the experts are FP8
@@ -54,7 +54,7 @@ def test_fp8_model_compiled_equals_reference_path():
     gpu = Transformer(ARGS).eval()
     gpu.load_state_dict(cpu.state_dict())
     gpu.cuda()
-    fp8_modules = {n: m for n, m in cpu.named_modules() if isinstance(m, (F.FP8Linear, FP8Experts))}
+    fp8_modules = {n: m for n, m in cpu.named_modules() if isinstance(m, (FP8Linear, FP8Experts))}
     assert len(fp8_modules) > 20 and any(isinstance(m, FP8Experts) for m in fp8_modules.values())
     inputs = {}
     hooks = [m.register_forward_hook(lambda m, args, out, n=n: inputs.setdefault(n, (args, out)) and None)
@@ -87,7 +87,12 @@ def test_fp8_model_compiled_equals_reference_path():
     assert [len(o) for o in out] == [8, 8]
 
 
-gluon = pytest.mark.skipif(not F._gluon_available(), reason="the Gluon kernel needs an sm_90 (Hopper) GPU")
+gluon = pytest.mark.skipif(not KF.gluon_available(), reason="the Gluon kernel needs an sm_90 (Hopper) GPU")
+GLUON = dict(kernel="gluon", num_stages=4)
+
+
+def _ref(a, a_s, b, b_s):
+    return (a.double() * a_s.double().repeat_interleave(128, -1)) @ weight_dequant_ref(b, b_s, dtype=torch.float64).T
 
 
 @gluon
@@ -97,27 +102,26 @@ gluon = pytest.mark.skipif(not F._gluon_available(), reason="the Gluon kernel ne
 def test_gluon_gemm_irregular_shapes(M, N, K, out_dtype):
     """M not a multiple of the 192-row tile, N not a multiple of 128 (576 = wkv_a): zero-filled loads, clipped stores."""
     torch.manual_seed(0)
-    a, a_s = F.act_quant(torch.randn(M, K, device="cuda"))
-    b, b_s = F.weight_quant(torch.randn(N, K, device="cuda"))
-    cfg = dict(kernel="gluon", BLOCK_M=F.GLUON_GROUPS * F.GLUON_ROWS, BLOCK_N=F.BLOCK, num_stages=4)
-    got = F._launch_gemm(a, a_s, b, b_s, out_dtype, cfg)
-    ref = (a.double() * a_s.double().repeat_interleave(128, -1)) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T
+    a, a_s = KF.act_quant(torch.randn(M, K, device="cuda"))
+    b, b_s = KF.weight_quant(torch.randn(N, K, device="cuda"))
+    got = KF.fp8_gemm(a, a_s, b, b_s, out_dtype, config=GLUON)
     assert got.dtype == out_dtype and got.shape == (M, N)
     # float32: the FP8 tensor cores' in-step accumulation (1.3e-4, as cuBLAS); bf16: one more rounding (~3e-3)
-    assert rel(got, ref) < (5e-4 if out_dtype == torch.float32 else 5e-3)
+    assert rel(got, _ref(a, a_s, b, b_s)) < (5e-4 if out_dtype == torch.float32 else 5e-3)
 
 
 @gluon
 def test_gluon_is_a_candidate_for_large_m_only():
-    def kernels(M, N, quant_a=False):
-        return [c.get("kernel") for c in F._candidates(M, N, 2048, quant_a)]
+    def kernels(M, N, fused=False):
+        return [c.get("kernel") for c in KF.gemm_candidates(M, N, 2048, fused)]
     assert "gluon" in kernels(4096, 7168) and "gluon" in kernels(513, 576)
     assert "gluon" not in kernels(512, 7168)              # small M: the tl kernels' smaller tiles fill the GPU
-    assert "gluon" not in kernels(4096, 7168, quant_a=True)  # fused act_quant exists only in the tl kernel
+    assert "gluon" not in kernels(4096, 7168, fused=True)  # fused act_quant exists only in the tl kernel
     assert "gluon" not in kernels(4096, 100)              # C's rows must be 16-byte aligned for the TMA store
-    a, a_s = F.act_quant(torch.randn(4096, 2048, device="cuda"))
-    b, b_s = F.weight_quant(torch.randn(7168, 2048, device="cuda"))
-    got = F.fp8_gemm(a, a_s, b, b_s, torch.float32)       # whichever kernel the autotuner picked
-    ref = (a.double() * a_s.double().repeat_interleave(128, -1)) @ F.weight_dequant_ref(b, b_s, dtype=torch.float64).T
-    print("autotuned:", F._TUNED[(4096, 7168, 2048, False)])
-    assert rel(got, ref) < 5e-4
+    a, a_s = KF.act_quant(torch.randn(4096, 2048, device="cuda"))
+    b, b_s = KF.weight_quant(torch.randn(7168, 2048, device="cuda"))
+    got = KF.fp8_gemm(a, a_s, b, b_s, torch.float32)      # whichever kernel the autotuner picked
+    chosen = KF.tuned_config(4096, 7168, 2048)
+    print("autotuned:", chosen)
+    assert chosen in KF.gemm_candidates(4096, 7168, 2048)
+    assert rel(got, _ref(a, a_s, b, b_s)) < 5e-4

@@ -8,8 +8,9 @@ import torch
 
 from dsv3_lite import ModelArgs, Transformer, load_hf_checkpoint
 from dsv3_lite.config import param_counts
-from dsv3_lite.kernels.fp8 import weight_quant_ref
-from dsv3_lite.model import checkpoint_files, dequantize_fp8, generate, sample
+from dsv3_lite.fp8 import weight_quant_ref
+from dsv3_lite.generation import generate, sample
+from dsv3_lite.model import checkpoint_files, dequantize_fp8
 from dsv3_lite.moe import MoE
 
 transformers = pytest.importorskip("transformers")
@@ -199,6 +200,13 @@ def test_tensor_start_pos_and_cuda_graph_bad_input():
             m(torch.zeros(1, 1, dtype=torch.long), torch.tensor(2, dtype=torch.int32))
         with pytest.raises(ValueError, match="a tensor start_pos must be a 0-dim int64 tensor"):
             m(torch.zeros(1, 1, dtype=torch.long), torch.tensor([2]))
+        for layer in m.layers:
+            layer.attn.attn_impl = "naive"
+        m.setup_cache(1, 8)
+        with pytest.raises(ValueError, match="tensor start_pos with attn_impl = 'naive' is not allowed"):
+            m(torch.zeros(1, 1, dtype=torch.long), torch.tensor(2))
+        for layer in m.layers:
+            layer.attn.attn_impl = "absorb"
         m.reset_cache()
         with pytest.raises(ValueError, match="tensor start_pos without a KV cache is not allowed"):
             m(torch.zeros(1, 1, dtype=torch.long), torch.tensor(2))
@@ -246,13 +254,17 @@ def test_bad_input(tmp_path, checkpoints):
         with pytest.raises(ValueError, match="tokens must be \\[B, S\\]"):
             m(torch.zeros(5, dtype=torch.long))
         m.setup_cache(1, 8)
-        with pytest.raises(ValueError, match="start_pos=8 with S=1 is not allowed"):
+        with pytest.raises(ValueError, match="start_pos = 8 with S = 1 is not allowed"):
             m(torch.zeros(1, 1, dtype=torch.long), start_pos=8)
         m.reset_cache()
-        with pytest.raises(ValueError, match="start_pos=3 is not allowed without a KV cache"):
+        with pytest.raises(ValueError, match="start_pos = 3 is not allowed without a KV cache"):
             m(torch.zeros(1, 1, dtype=torch.long), start_pos=3)
     with pytest.raises(ValueError, match=r"max_new_tokens \(62\) = 65 is not allowed: at most max_seq_len = 64"):
         generate(m, [[1, 2, 3]], max_new_tokens=62)
+    with pytest.raises(ValueError, match=r"token id 300 in prompt 1 is not allowed: ids must lie in \[0, vocab_size=300\)"):
+        generate(m, [[1, 2, 3], [4, 300]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token id -1 in prompt 0 is not allowed"):
+        generate(m, [[-1, 2]], max_new_tokens=2)
     _, path, _ = checkpoints["q_lora+groups+yarn"]
     cfg = json.loads((path / "config.json").read_text())
     (tmp_path / "llama").mkdir()
@@ -280,7 +292,48 @@ def test_bad_input(tmp_path, checkpoints):
     assert "wrong shape (1): model.layers.0.self_attn.kv_b_proj.weight (7, 7) -> layers.0.attn.wkv_b.weight" in msg
 
 
-# ---- FP8 inference (issue 6 item 3): FP8Linear / FP8Experts in the model, FP8 checkpoints kept as FP8
+def test_token_ids_checked_at_the_boundary():
+    """Token ids are checked once, by the model (Embedding does not check them: on a GPU that would be a host sync)."""
+    m = Transformer(ModelArgs.preset("tiny")).eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="vocab_size=2048"):
+            m(torch.tensor([[2048]]))
+        with pytest.raises(ValueError, match="-1"):
+            m(torch.tensor([[-1]]))
+        with pytest.raises(ValueError, match="dtype"):
+            m(torch.tensor([[1.0]]))
+
+
+def test_attention_bad_input_at_the_boundary():
+    """The calling contract of MLA (position, cache, form, gradients), checked once per step by the model."""
+    m = Transformer(SMALL.replace(max_seq_len=16, max_batch_size=2)).eval()
+    one = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="max_seq_len = 16"):
+            m(torch.zeros(1, 17, dtype=torch.long))
+        with pytest.raises(ValueError, match="max_batch_size=2"):
+            m.setup_cache(3, 8)
+        with pytest.raises(ValueError, match="max_seq_len=16"):
+            m.setup_cache(1, 17)
+        m.setup_cache(2, 8)
+        with pytest.raises(ValueError, match=r"start_pos = 7 with S = 2 is not allowed: start_pos \+ S must be <= the "
+                                             "cache length 8"):
+            m(torch.zeros(1, 2, dtype=torch.long), 7)
+        with pytest.raises(ValueError, match="B = 3 is not allowed: the cache holds 2 sequences"):
+            m(torch.zeros(3, 1, dtype=torch.long), 0)
+        for layer in m.layers:
+            layer.attn.attn_impl = "naive"
+        with pytest.raises(ValueError, match="attn_impl = 'naive' is not allowed with a cache made for 'absorb': "
+                                             "call setup_cache again"):
+            m(one, 0)
+        for layer in m.layers:
+            layer.attn.attn_impl = "absorb"
+    with pytest.raises(RuntimeError, match="no_grad"):
+        m(one, 0)
+    m.reset_cache()
+
+
+# ---- FP8 inference: FP8Linear / FP8Experts in the model, FP8 checkpoints kept as FP8
 FP8_ARGS = SMALL.replace(dim=128, inter_dim=256, moe_inter_dim=128, q_lora_rank=128, kv_lora_rank=128,
                          qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)   # every matrix input width % 128 == 0
 
@@ -312,8 +365,7 @@ def _rel(a, b):
 
 
 def test_fp8_load_keeps_fp8_and_matches_dequantised(fp8_checkpoint):
-    from dsv3_lite.kernels.fp8 import FP8Linear
-    from dsv3_lite.moe import FP8Experts
+    from dsv3_lite.fp8 import FP8Experts, FP8Linear
     root, fp8 = fp8_checkpoint
     m8 = load_hf_checkpoint(root / "fp8", dtype="fp8")
     m32 = load_hf_checkpoint(root / "deq", dtype=torch.float32)
@@ -350,8 +402,7 @@ def test_fp8_load_keeps_fp8_and_matches_dequantised(fp8_checkpoint):
 
 
 def test_fp8_model_from_args_builds_and_runs():
-    from dsv3_lite.kernels.fp8 import FP8Linear
-    from dsv3_lite.moe import FP8Experts
+    from dsv3_lite.fp8 import FP8Experts, FP8Linear
     torch.manual_seed(0)
     args = ModelArgs.preset("tiny", dtype="fp8")      # q_lora 96, kv_lora 64: those inputs stay high precision
     m = Transformer(args).eval()

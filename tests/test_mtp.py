@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import dsv3_lite  # noqa: F401  (before transformers: Triton's CPU switch)
 from dsv3_lite.config import ModelArgs, param_counts
-from dsv3_lite.model import Transformer, generate, load_hf_checkpoint
+from dsv3_lite.generation import generate
+from dsv3_lite.model import Transformer, load_hf_checkpoint
 from dsv3_lite.mtp import add_mtp, load_mtp, mtp_logits, mtp_loss
 from dsv3_lite.speculative import speculative_generate, verify_draft
 
@@ -151,9 +151,28 @@ def test_speculative_errors_and_eos():
         speculative_generate(Transformer(SMALL), [5], 3)
     with pytest.raises(ValueError, match="non-empty"):
         speculative_generate(model, [], 3)
+    with pytest.raises(ValueError, match=r"token id 512 is not allowed: ids must lie in \[0, vocab_size=512\)"):
+        speculative_generate(model, [5, 512], 3)
     first = speculative_generate(model, [5, 6], 20)[0]
     out, _ = speculative_generate(model, [5, 6], 20, eos_id=first[3])
     assert out[-1] == first[3] and len(out) == first.index(first[3]) + 1
+
+
+def test_speculative_stops_at_an_accepted_eos_draft():
+    """An accepted draft that is EOS ends the text: no token after it is generated and no further forward runs."""
+    torch.manual_seed(0)
+    model = add_mtp(Transformer(SMALL)).eval()
+    _silence(list(model.layers) + [model.mtp.layers[0].block])          # the oracle: every draft is accepted
+    model.mtp.layers[0].eh_proj.weight.data.copy_(torch.cat([torch.eye(64), torch.zeros(64, 64)], 1))
+    prompt = torch.randint(3, 512, (9,)).tolist()
+    first, stats = speculative_generate(model, prompt, 30)
+    assert stats.accepted == stats.drafted > 2
+    # out = [x, d1, y1, d2, y2, ...]: drafts sit at odd indices; take one whose token did not occur before it
+    i = next(i for i in range(3, len(first), 2) if first[i] not in first[:i])
+    out, stats = speculative_generate(model, prompt, 30, eos_id=first[i])
+    assert out == first[:i + 1]
+    steps = (i + 1) // 2                                                 # verification forwards up to that draft
+    assert stats.drafted == stats.accepted == steps and stats.forwards == 1 + steps
 
 
 def test_verify_draft_sampling_keeps_the_main_distribution():

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
-from dsv3_lite.norm import RMSNorm, rms_norm, rms_norm_ref, rms_norm_triton
+from dsv3_lite.kernels.rmsnorm import rms_norm_triton
+from dsv3_lite.norm import RMSNorm, rms_norm, rms_norm_ref
 
 SHAPES = [(1, 1), (1, 7), (3, 100), (2, 3, 257), (5, 1536), (2, 7168), (0, 64)]
 

@@ -19,7 +19,8 @@ def _hf_rotary(a: ModelArgs):
 
 
 def test_v3_correction_range_and_ramp():
-    """Reference §3.3: low = floor(10.47) = 10, high = ceil(22.51) = 23; pairs <= 10 kept, >= 23 divided by 40."""
+    """YaRN for V3 (s = 40, β_fast = 32, β_slow = 1): low = floor(10.47) = 10, high = ceil(22.51) = 23; pairs <= 10
+    kept, >= 23 divided by 40."""
     assert yarn_correction_range(32, 1, 64, 10000.0, 4096) == (10, 23)
     v3 = ModelArgs.preset("671B")
     ratio = rope_frequencies(v3.replace(max_seq_len=4096)) / rope_frequencies(v3)

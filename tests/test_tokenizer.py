@@ -18,20 +18,23 @@ from hypothesis import strategies as st
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from dsv3_lite.data import shakespeare, train_val_split  # noqa: E402
+from dsv3_lite.data.corpus import (  # noqa: E402
+    SHAKESPEARE_TOKENIZER_FILE,
+    shakespeare,
+    shakespeare_tokenizer,
+    train_shakespeare_tokenizer,
+    train_val_split,
+)
 from dsv3_lite.tokenizer import (  # noqa: E402
     BYTE_TO_CHAR,
     DEEPSEEK_V3_SPECIAL_TOKENS,
     DEEPSEEK_V3_SPLITS,
-    SHAKESPEARE_TOKENIZER_FILE,
     BPETokenizer,
     deepseek_v3_tokenizer_file,
     learn_merges,
     load_tokenizer,
     merge,
     pair_counts,
-    shakespeare_tokenizer,
-    train_shakespeare_tokenizer,
 )
 
 
@@ -273,6 +276,15 @@ def test_save_load_round_trip(tmp_path, small):
     # and the shipped tokenizer survives a save/load unchanged, byte for byte
     small[0].save(tmp_path / "small.json")
     assert (tmp_path / "small.json").read_text(encoding="utf-8") == SHAKESPEARE_TOKENIZER_FILE.read_text(encoding="utf-8")
+
+
+def test_from_str_reads_the_text_of_a_file(small):
+    """`from_str` (used for the tokenizer a checkpoint carries) gives what `from_file` gives, errors included."""
+    text = SHAKESPEARE_TOKENIZER_FILE.read_text(encoding="utf-8")
+    tok = BPETokenizer.from_str(text)
+    assert (tok.vocab, tok.merges, tok.special_tokens) == (small[0].vocab, small[0].merges, small[0].special_tokens)
+    with pytest.raises(ValueError, match="missing field 'model'"):
+        BPETokenizer.from_str("{}")
 
 
 def test_real_tokenizer_save_round_trip(tmp_path, real):

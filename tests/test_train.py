@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -10,16 +11,18 @@ import torch
 from safetensors import safe_open
 
 from dsv3_lite.data import prepare, shakespeare
-from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
+from dsv3_lite.data.corpus import SHAKESPEARE_TOKENIZER_FILE, shakespeare_tokenizer
 from dsv3_lite.train import (
     TrainConfig,
     Trainer,
     TrainingError,
+    checkpoint_tokenizer,
     compute_loss,
     load_model,
     lr_at,
     make_optimizer,
     read_checkpoint,
+    save_checkpoint,
 )
 
 MODEL = {"n_layers": 2, "dim": 64, "inter_dim": 128, "moe_inter_dim": 32, "q_lora_rank": 32, "kv_lora_rank": 32,
@@ -108,6 +111,55 @@ def test_checkpoint_is_safetensors_without_pickle(data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]
 
 
+
+def test_checkpoint_carries_its_tokenizer(data, tmp_path):
+    t = Trainer(cfg(data, steps=3), tmp_path)
+    t.train(steps=1)
+    path = tmp_path / "checkpoint.safetensors"
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["tokenizer.json"] == SHAKESPEARE_TOKENIZER_FILE.read_text(encoding="utf-8")
+    tok, shipped = checkpoint_tokenizer(path), shakespeare_tokenizer()
+    assert (tok.vocab, tok.merges, tok.special_tokens) == (shipped.vocab, shipped.merges, shipped.special_tokens)
+
+
+def test_checkpoint_without_a_stored_tokenizer_uses_the_file_it_names(data, tmp_path):
+    """Checkpoints written before they carried their tokenizer name a file: used while it exists, else a clear error."""
+    t = Trainer(cfg(data, steps=3), tmp_path)
+    t.train(steps=1)
+    tok_file = tmp_path / "tok.json"
+    shutil.copy(SHAKESPEARE_TOKENIZER_FILE, tok_file)
+    old = save_checkpoint(tmp_path / "old.safetensors", t.model, t.optimizer, t.param_names,
+                          {**t._meta(), "tokenizer": str(tok_file)}, {"batches": t.gen.get_state()})
+    with safe_open(old, framework="pt") as f:
+        assert "tokenizer.json" not in f.metadata()
+    assert checkpoint_tokenizer(old).vocab == shakespeare_tokenizer().vocab
+    tok_file.unlink()
+    with pytest.raises(ValueError, match=f"checkpoint {old} holds no tokenizer and the file it names, {tok_file}, "
+                                         "does not exist: give the tokenizer.json"):
+        checkpoint_tokenizer(old)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        checkpoint_tokenizer(tmp_path / "nope.safetensors")
+
+
+def test_tokenizer_of_the_data_changed_or_gone(tmp_path):
+    """A tokenizer file edited after `prepare` is refused; one that is gone is fine, and a resumed run keeps the copy
+    its checkpoint carries."""
+    (tmp_path / "t.txt").write_text(shakespeare()[:60_000], encoding="utf-8")
+    tok_file = tmp_path / "tok.json"
+    shutil.copy(SHAKESPEARE_TOKENIZER_FILE, tok_file)
+    prepare([tmp_path / "t.txt"], tok_file, tmp_path / "data", workers=1, progress=False)
+    data = str(tmp_path / "data")
+    Trainer(cfg(data), tmp_path / "run").train(steps=3)
+    tok_file.write_text(tok_file.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"Trainer: the tokenizer {tok_file} changed after .*train.bin was prepared"):
+        Trainer(cfg(data), tmp_path / "run", resume=True)
+    tok_file.unlink()
+    resumed = Trainer(cfg(data), tmp_path / "run", resume=True)
+    resumed.train()
+    assert resumed.step == 6
+    assert checkpoint_tokenizer(tmp_path / "run" / "checkpoint.safetensors").vocab == shakespeare_tokenizer().vocab
+
+
 def test_atomic_write_keeps_old_checkpoint(data, tmp_path, monkeypatch):
     t = Trainer(cfg(data, steps=6), tmp_path)
     t.train(steps=3)
@@ -164,14 +216,48 @@ def test_ctrl_c_saves_and_returns(data, tmp_path):
     assert dataclasses.asdict(t.cfg) == read_checkpoint(tmp_path / "checkpoint.safetensors")[1]["config"]
 
 
-def test_minutes_fit_the_schedule_to_the_clock(data):
-    import time
+def test_minutes_fit_the_schedule_to_the_clock(data, monkeypatch):
+    """With `fit_schedule` the cosine is fitted to the clock and the run stops when the minutes are spent. A fake
+    clock (0.2 s per step) makes it independent of the machine's speed: a 3 s budget holds about 15 steps."""
+    import types
 
-    t = Trainer(cfg(data, steps=10 ** 6, warmup=2, eval_every=10 ** 5))
-    t0 = time.monotonic()
+    import dsv3_lite.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    t = Trainer(cfg(data, steps=10 ** 6, warmup=2, eval_every=10 ** 5, ckpt_every=10 ** 5))
+    step = t.train_step
+
+    def timed_step():
+        clock[0] += 0.2
+        return step()
+
+    t.train_step = timed_step
     h = t.train(minutes=0.05, fit_schedule=True)
-    assert time.monotonic() - t0 < 3 + 10                      # 3 s budget, plus one step and the final evaluation
-    assert 3 < t.step < 10 ** 4 and t.cfg.steps < 10 ** 4       # the cosine now ends near where the clock did
+    assert 10 <= t.step <= 16 and t.cfg.steps == t.step         # the cosine ends where the clock did
     assert h["val_step"] == [t.step] and h["lr"][-1] < 0.5 * t.cfg.lr
     with pytest.raises(ValueError, match="fit_schedule"):
         t.train(fit_schedule=True)
+
+
+def test_refit_on_the_last_step_extends_the_run_before_it_ends(data, monkeypatch):
+    """`fit_schedule` re-fits the end of the cosine every 10 steps. When a re-fit falls on the step where the previous
+    fit ended, the run must be extended first, not evaluated there as if it had ended. A fake clock makes it
+    deterministic: steps take 1 s until step 13 (the fit then ends at step 23), 0.5 s after (at step 23 there is time
+    left: the re-fit moves the end to 29)."""
+    import types
+
+    import dsv3_lite.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    t = Trainer(cfg(data, steps=10 ** 6, warmup=2, eval_every=10 ** 5, ckpt_every=10 ** 5))
+    step = t.train_step
+
+    def timed_step():
+        clock[0] += 1.0 if t.step < 13 else 0.5
+        return step()
+
+    t.train_step = timed_step
+    h = t.train(minutes=22.5 / 60, fit_schedule=True)
+    assert t.step == t.cfg.steps == 29 and h["val_step"] == [29]

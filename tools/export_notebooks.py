@@ -284,7 +284,8 @@ def render(mod: Module) -> str:
     if mod.chunks:
         doc, first = _own_docstring(mod.chunks[0][2])
         if doc:
-            mod.docstring = f"{doc}\n\nGenerated from notebooks/{mod.chunks[0][0]}."
+            sources = ", ".join(dict.fromkeys(f"notebooks/{nb}" for nb, _, _ in mod.chunks))
+            mod.docstring = f"{doc}\n\nGenerated from {sources}."
             mod.chunks[0] = (*mod.chunks[0][:2], first)
     if mod.name == "__init__" and (table := _lazy_reexports(mod)):
         return _render_lazy(mod, table)

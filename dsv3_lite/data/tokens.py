@@ -1,12 +1,10 @@
 """Token files: text of any size -> a memory-mapped file of token ids, and the windows training reads from it.
 
-`prepare(inputs, tokenizer, out_dir)` streams each input file in chunks of a few MB (cut at the start of a line that
-begins with an ASCII letter, where the DeepSeek-V3 pre-tokenizer cannot join two pieces, so the ids equal those of
-encoding the whole file at once), encodes the chunks in worker processes, and appends the ids to
-`out_dir/{name}.bin`: a 4096-byte JSON header (format, tokenizer, dtype, count, inputs) followed by the ids as
-uint16 when the vocabulary fits (else uint32). The file is written to a temporary name and renamed when complete.
-`TokenFile` maps it without reading it; `sample_windows` draws training windows; `shakespeare_tokens` prepares the
-bundled corpus on first use (nanoGPT's `prepare.py` + `train.bin` idea, with a header and streaming).
+`prepare(inputs, tokenizer, out_dir)` streams the inputs in chunks cut where the tokenizer would cut anyway, encodes
+them in worker processes and writes `out_dir/{name}.bin`: a 4096-byte JSON header (format, tokenizer, dtype, count,
+inputs), then the ids as uint16 (uint32 for vocabularies over 65,536), renamed into place when complete. `TokenFile`
+maps it and checks its header; `sample_windows` / `eval_windows` draw training and validation windows;
+`shakespeare_tokens` prepares the bundled corpus on first use (nanoGPT's `prepare.py` + `train.bin`, streamed).
 
 Generated from notebooks/10_training.ipynb.
 """
@@ -23,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from dsv3_lite.data.corpus import SHAKESPEARE_TOKENIZER_FILE, shakespeare, train_val_split
+from dsv3_lite.tokenizer import BPETokenizer
 
 __all__ = ['HEADER_BYTES', 'MAGIC', 'text_chunks', 'prepare', 'TokenFile', 'sample_windows', 'eval_windows', 'cache_dir', 'shakespeare_tokens', 'load_splits']
 
@@ -81,8 +82,6 @@ _WORKER_TOKENIZER = None
 
 def _load_tokenizer(tokenizer):
     """A `BPETokenizer` from itself or from a tokenizer.json path."""
-    from dsv3_lite.tokenizer import BPETokenizer
-
     if isinstance(tokenizer, BPETokenizer):
         return tokenizer
     path = Path(tokenizer)
@@ -207,14 +206,7 @@ class TokenFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"TokenFile: {self.path} not found (make it with dsv3_lite.data.prepare)")
-        with open(self.path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-        try:
-            self.header = json.loads(raw.decode().strip())
-            assert self.header["format"] == MAGIC
-        except Exception:
-            raise ValueError(f"TokenFile: {self.path} is not a dsv3_lite token file (no '{MAGIC}' JSON header in its "
-                             f"first {HEADER_BYTES} bytes)") from None
+        self.header = _read_header(self.path)
         n = self.header["count"]
         self.tokens = np.memmap(self.path, dtype=self.header["dtype"], mode="r", offset=HEADER_BYTES, shape=(n,)) \
             if n else np.zeros(0, dtype=self.header["dtype"])
@@ -227,6 +219,34 @@ class TokenFile:
         chars = sum(s.get("chars", 0) for s in self.header["inputs"])
         tokens = sum(s.get("tokens", 0) for s in self.header["inputs"])
         return chars / tokens if tokens else float("nan")
+
+
+def _read_header(path: Path) -> dict:
+    """The JSON header of a token file, checked field by field; a ValueError names the file and what is wrong."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    try:
+        header = json.loads(raw.decode("utf-8").strip())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"TokenFile: {path} is not a dsv3_lite token file (no '{MAGIC}' JSON header in its first "
+                         f"{HEADER_BYTES} bytes)")
+    if header.get("format") != MAGIC:
+        raise ValueError(f"TokenFile: {path} is not a dsv3_lite token file: header format = {header.get('format')!r}, "
+                         f"expected {MAGIC!r}")
+    dtype, count = header.get("dtype"), header.get("count")
+    if dtype not in ("uint16", "uint32"):
+        raise ValueError(f"TokenFile: {path}: header dtype = {dtype!r} is not allowed: 'uint16' or 'uint32'")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"TokenFile: {path}: header count = {count!r} is not allowed: an int >= 0")
+    if not isinstance(header.get("inputs"), list):
+        raise ValueError(f"TokenFile: {path}: header inputs = {header.get('inputs')!r} is not allowed: a list")
+    size, expected = path.stat().st_size, HEADER_BYTES + count * np.dtype(dtype).itemsize
+    if size != expected:
+        raise ValueError(f"TokenFile: {path} has {size:,} bytes, but its header promises {count:,} {dtype} ids "
+                         f"({expected:,} bytes with the header): the file was truncated or changed")
+    return header
 
 
 def _windows(tokens: np.ndarray, seq_len: int, starts, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,9 +288,6 @@ def shakespeare_tokens(folder: str | Path | None = None) -> tuple[TokenFile, Tok
 
     The split is `train_val_split` (validation: the last 10% of the characters, from a line start).
     """
-    from dsv3_lite.data.corpus import shakespeare, train_val_split
-    from dsv3_lite.tokenizer import SHAKESPEARE_TOKENIZER_FILE
-
     folder = Path(folder) if folder is not None else cache_dir() / "shakespeare"
     tok_path = Path(str(SHAKESPEARE_TOKENIZER_FILE))
     sha = _sha256(tok_path)
