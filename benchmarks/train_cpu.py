@@ -137,6 +137,8 @@ def step_costs(model, start_pos: int, repeats: int = 30) -> dict:
     from dsv3_lite.speculative import mtp_draft_step
 
     model.setup_cache(1, start_pos + 4)
+    with torch.no_grad():
+        model(torch.zeros(1, start_pos, dtype=torch.long), 0)   # fill the cache up to start_pos, as a prompt would
     attn = model.mtp.layers[0].block.attn
     attn.setup_cache(1, start_pos + 4)
     h = torch.zeros(1, 1, model.args.dim)

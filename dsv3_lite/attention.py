@@ -106,6 +106,9 @@ class MLA(nn.Module):
         of ModelArgs), on the weights' device and in their dtype unless `dtype` is given."""
         batch_size = self.max_batch_size if batch_size is None else batch_size
         seq_len = self.max_seq_len if seq_len is None else seq_len
+        for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"MLA.setup_cache: {name}={v!r} is not allowed: it must be an int")
         if not 1 <= batch_size <= self.max_batch_size:
             raise ValueError(f"MLA.setup_cache: batch_size={batch_size} is not allowed: "
                              f"1 <= batch_size <= max_batch_size={self.max_batch_size}")

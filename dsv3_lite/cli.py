@@ -1,13 +1,24 @@
 """The `dsv3-lite` command (console script `dsv3-lite = dsv3_lite.cli:main`; also `python -m dsv3_lite.cli`).
 
     dsv3-lite prepare --input FILE... --tokenizer PATH --out DIR    text -> DIR/train.bin (+ --val FILE... -> val.bin)
-    dsv3-lite train [--data DIR] [--out DIR] [--minutes M | --steps N] [--resume]
+    dsv3-lite train [--data DIR] [--out DIR] [--minutes M | --steps N] [--overwrite]
     dsv3-lite generate --prompt TEXT [--checkpoint FILE] [--speculative] [--temperature T]
     dsv3-lite demo [--minutes 3]     train on the bundled Shakespeare, sample, compare speculative decoding
 
-A checkpoint carries its tokenizer, so `generate` needs nothing else. Errors in the input (a missing file, a prompt
-longer than the context, a checkpoint of another configuration) print one line `dsv3-lite <command>: error: ...` and
-exit with status 2; a diverged run exits with 1; Ctrl-C during training saves a checkpoint and exits with 130.
+`train` never destroys a run: when `--out` holds a checkpoint it continues that run (one that already reached
+`--steps` is left untouched), and a flag that contradicts the checkpoint's configuration is refused; `--overwrite`
+starts a new run there. A checkpoint carries its tokenizer, so `generate` needs nothing else.
+
+Every expected failure prints one line, `dsv3-lite <command>: error: <what, where, what to do>`, and exits with the
+status of its class (`dsv3-lite --debug <command>` adds the Python traceback):
+
+    0    done
+    1    training diverged: a non-finite loss or gradient (the last good checkpoint is kept)
+    2    bad input: a flag out of range, a damaged file or one of the wrong kind, a configuration that contradicts
+         the checkpoint or does not fit in this machine's memory
+    3    missing file: a checkpoint, token file, tokenizer or text file that does not exist
+    130  interrupted: Ctrl-C (during training, after saving a checkpoint)
+
 Only the standard library is imported here: `dsv3-lite --help` answers before PyTorch is loaded.
 
 Generated from notebooks/10_training.ipynb.
@@ -16,16 +27,49 @@ Generated from notebooks/10_training.ipynb.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
-__all__ = ['DEFAULT_OUT', 'DEMO_OUT', 'cmd_prepare', 'cmd_train', 'cmd_generate', 'cmd_demo', 'build_parser', 'main']
+__all__ = ['DEFAULT_OUT', 'DEMO_OUT', 'EXIT_STATUS', 'TRAIN_FLAGS', 'COUNT', 'POSITIVE', 'SEED', 'THREADS', 'cmd_prepare', 'cmd_train', 'cmd_generate', 'cmd_demo', 'build_parser', 'main']
 
 
-# --- notebooks/10_training.ipynb, cell 61 (id 0e22d1a9)
+# --- notebooks/10_training.ipynb, cell 65 (id 0e22d1a9)
 DEFAULT_OUT = "runs/dsv3-lite"    # checkpoint folder of `train` (and where `generate` looks)
 DEMO_OUT = "runs/demo"            # checkpoint folder of `demo`
+EXIT_STATUS = {"training diverged": 1, "bad input": 2, "missing file": 3, "interrupted": 130}
+TRAIN_FLAGS = ("preset", "data", "seq_len", "batch_size", "steps", "warmup", "lr", "min_lr", "seed", "eval_every",
+               "ckpt_every")      # the TrainConfig fields that have a flag (--seq-len for seq_len)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the one-line form of every other failure (status 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_STATUS["bad input"], f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
+def _number(kind: type, low: float, *, above: bool = False, high: float | None = None):
+    """An argparse `type` for an int or a finite float in [low, high] (or (low, high] with `above`); argparse's error
+    names the flag: "argument --lr: -1 is not allowed: a finite number > 0"."""
+    allowed = f"{'an integer' if kind is int else 'a finite number'} {'>' if above else '>='} {low}" + \
+        (f" and <= {high}" if high is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: {allowed}")
+        return value
+    return parse
+
+
+COUNT, POSITIVE, SEED, THREADS = _number(int, 1), _number(float, 0, above=True), _number(int, 0, high=2 ** 64 - 1), \
+    _number(int, 1, high=1024)
 
 
 def _threads(n: int | None) -> None:
@@ -46,32 +90,84 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _config(a: argparse.Namespace):
-    """TrainConfig from the command line; with --resume the checkpoint's config, then the flags given explicitly."""
-    from dsv3_lite.train import TrainConfig, read_checkpoint
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
-    given = {k: getattr(a, k) for k in ("preset", "data", "seq_len", "batch_size", "steps", "warmup", "lr", "seed",
-                                        "eval_every", "ckpt_every") if getattr(a, k, None) is not None}
-    if a.resume:
-        _, meta = read_checkpoint(Path(a.out) / "checkpoint.safetensors")
-        return TrainConfig(**{**meta["config"], **given})
+
+def _step_of(ckpt: Path) -> str:
+    """'step N' of a checkpoint, or 'an unreadable step' when its metadata cannot be read."""
+    from dsv3_lite.train import checkpoint_metadata
+
+    try:
+        return f"step {checkpoint_metadata(ckpt, 'step')['step']}"
+    except ValueError:
+        return "an unreadable step"
+
+
+def _plan(a: argparse.Namespace, log, fresh: bool = False):
+    """(TrainConfig, resume) of this run from the flags and the checkpoint in --out, or (None, False) when that run
+    already reached --steps. A run in --out is continued unless --overwrite (or `fresh`); the flags given must then
+    agree with its configuration, except those in RESUME_MAY_CHANGE."""
+    import dataclasses
+
+    from dsv3_lite.train import RESUME_MAY_CHANGE, TrainConfig, checkpoint_metadata
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: give the folder for the checkpoint")
+    ckpt = out / "checkpoint.safetensors"
+    given = {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k, None) is not None}
+    if a.resume and not ckpt.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}: drop --resume to start a new run there")
+    if ckpt.is_file() and not (a.overwrite or fresh):
+        try:
+            meta = checkpoint_metadata(ckpt, "config", "step")
+        except ValueError as e:
+            raise ValueError(f"{e} (--overwrite starts a new run in {out})") from None
+        saved, step = meta["config"], meta["step"]
+        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"resume: {ckpt} has configuration fields this version does not know ({unknown}): "
+                             f"continue it with the version that wrote it, or --overwrite starts a new run in {out}")
+        if "data" in given and saved.get("data") and Path(given["data"]).resolve() == Path(saved["data"]).resolve():
+            given["data"] = saved["data"]                       # the same folder, written another way
+        conflicts = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r} ({_flag(k)})" for k, v in given.items()
+                     if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+        if conflicts:
+            raise ValueError(f"resume: {ckpt} (step {step}) was trained with other settings: {'; '.join(conflicts)}. "
+                             f"Drop those flags to continue that run; --overwrite starts a new run in {out}, or "
+                             "choose another --out")
+        cfg = TrainConfig(**{**saved, **given})
+        if step >= cfg.steps:
+            asked = f"--steps {cfg.steps}" if "steps" in given else f"its schedule (steps = {cfg.steps})"
+            log(f"{ckpt} is already at step {step} of {asked}: nothing to train (--steps N with N > {step} continues "
+                "the run, --overwrite starts a new one)")
+            return None, False
+        fit = a.minutes is not None and "steps" not in given
+        log(f"resuming {ckpt} at step {step} ({f'for {a.minutes:g} minutes' if fit else f'to step {cfg.steps}'})")
+        return cfg, True
+    if ckpt.is_file() and not fresh:
+        log(f"starting a new run in {out} (--overwrite): the checkpoint at {_step_of(ckpt)} there is replaced when "
+            "this run saves its first checkpoint")
     cfg = TrainConfig(**given)
     if "warmup" not in given and cfg.warmup >= cfg.steps:   # a short run: warm up over its first tenth
         cfg.warmup = cfg.steps // 10
-    return cfg
+    return cfg, False
 
 
-def _train(a: argparse.Namespace, log=print):
-    """Train as the flags say; returns (trainer, status)."""
+def _train(a: argparse.Namespace, log=print, fresh: bool = False):
+    """Train as the flags say; returns (trainer, status), trainer None when there was nothing to train."""
     from dsv3_lite.train import Trainer
 
     _threads(a.threads)
     start = time.monotonic()
-    cfg = _config(a)
+    cfg, resume = _plan(a, log, fresh)
+    if cfg is None:
+        return None, 0
     fit = a.minutes is not None and a.steps is None        # the cosine follows the clock (see Trainer.train)
-    if fit and not a.resume:
+    if fit and not resume:
         cfg.steps = 10 ** 6
-    trainer = Trainer(cfg, a.out, resume=a.resume, log=log)
+    trainer = Trainer(cfg, a.out, resume=resume, log=log)
     log(f"model: {cfg.preset} {sum(p.numel() for p in trainer.model.parameters()):,} parameters (MTP included) | "
         f"data: {cfg.data or 'bundled Shakespeare'} ({len(trainer.train_tokens):,} train tokens) | out: {a.out}")
     trainer.train(minutes=None if a.minutes is None else max(0.0, a.minutes - (time.monotonic() - start) / 60),
@@ -80,7 +176,7 @@ def _train(a: argparse.Namespace, log=print):
     if h["val"]:
         log(f"step {trainer.step}: train loss {h['main'][-1]:.3f}, val loss {h['val'][-1]:.3f} nats/token = "
             f"{h['val'][-1] / trainer.chars_per_token:.3f} nats/character | checkpoint {trainer.ckpt_path}")
-    return trainer, (130 if trainer.interrupted else 0)
+    return trainer, (EXIT_STATUS["interrupted"] if trainer.interrupted else 0)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -128,9 +224,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from dsv3_lite.tokenizer import BPETokenizer
 
     a.resume, a.steps = False, None
+    ckpt = Path(a.out) / "checkpoint.safetensors"
+    if ckpt.is_file() and not a.overwrite:       # the demo trains a new model: it replaces only its own folder's
+        if Path(a.out).resolve() != Path(DEMO_OUT).resolve():
+            raise ValueError(f"demo: {ckpt} ({_step_of(ckpt)}) holds a run and the demo trains a new model: "
+                             f"--overwrite replaces it, or choose another --out (dsv3-lite train --out {a.out} "
+                             "continues that run)")
+        print(f"{a.out} holds the checkpoint of an earlier demo ({_step_of(ckpt)}): this demo starts over and "
+              f"replaces it (dsv3-lite train --out {a.out} would continue it instead)")
     print(f"training the tiny DeepSeek-V3 on {a.data or 'Shakespeare'} for {a.minutes:g} minutes (Ctrl-C stops early "
           "and keeps the checkpoint)")
-    trainer, status = _train(a)
+    trainer, status = _train(a, fresh=True)
     model = trainer.model.eval()
     if not trainer.tokenizer_path:                   # the data was prepared from a BPETokenizer object, not a file
         raise ValueError(f"demo: the data {a.data} names no tokenizer file, so the demo cannot decode samples; the "
@@ -149,8 +253,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsv3-lite", description="Train and run a tiny DeepSeek-V3 (dsv3_lite).")
+    codes = ", ".join(f"{code} {name}" for name, code in EXIT_STATUS.items())
+    p = _Parser(prog="dsv3-lite", description="Train and run a tiny DeepSeek-V3 (dsv3_lite).",
+                epilog=f"exit status: 0 done, {codes} (Ctrl-C). An error prints one line; --debug adds its Python "
+                       "traceback.")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def debug_flag(s):  # also accepted after the command
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
     s = sub.add_parser("prepare", help="tokenize text files into a memory-mapped token file")
     s.add_argument("--input", nargs="+", required=True, metavar="FILE", help="training text files (UTF-8)")
@@ -158,24 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.json (e.g. the bundled "
                    "dsv3_lite/data/shakespeare_tokenizer.json)")
     s.add_argument("--out", required=True, metavar="DIR")
-    s.add_argument("--workers", type=int, default=None, help="encoding processes (default: CPU count)")
+    s.add_argument("--workers", type=_number(int, 1, high=256), default=None, help="encoding processes (default: CPU "
+                   "count)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    debug_flag(s)
     s.set_defaults(func=cmd_prepare)
 
     def train_flags(s, out: str, minutes: float | None = None):
         s.add_argument("--out", default=out, metavar="DIR", help="checkpoint folder (default: %(default)s)")
-        s.add_argument("--minutes", type=float, default=minutes, help="wall-clock budget; the schedule is fitted to it")
+        s.add_argument("--minutes", type=POSITIVE, default=minutes, help="wall-clock budget; the schedule is fitted "
+                       "to it")
         s.add_argument("--data", default=None, metavar="DIR", help="folder from `prepare` (default: Shakespeare)")
         s.add_argument("--preset", default=None, help="ModelArgs preset (default tiny)")
-        for flag, typ in (("--steps", int), ("--warmup", int), ("--seq-len", int), ("--batch-size", int),
-                          ("--lr", float), ("--seed", int), ("--eval-every", int), ("--ckpt-every", int)):
+        for flag, typ in (("--steps", COUNT), ("--warmup", _number(int, 0)), ("--seq-len", COUNT),
+                          ("--batch-size", COUNT), ("--lr", POSITIVE), ("--min-lr", POSITIVE), ("--seed", SEED),
+                          ("--eval-every", COUNT), ("--ckpt-every", COUNT)):
             s.add_argument(flag, type=typ, default=None)
-        s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        s.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
+        debug_flag(s)
+        start = s.add_mutually_exclusive_group()
+        start.add_argument("--overwrite", action="store_true", help="start a new run even if --out holds a checkpoint "
+                           "(replaced when the new run saves its first one)")
+        return start
 
-    s = sub.add_parser("train", help="train (tiny preset on the bundled Shakespeare by default)")
-    train_flags(s, DEFAULT_OUT)
-    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    s = sub.add_parser("train", help="train (tiny preset on the bundled Shakespeare by default); continues the run in "
+                       "--out if there is one")
+    train_flags(s, DEFAULT_OUT).add_argument(
+        "--resume", action="store_true", help="require a checkpoint in --out to continue (without it, train continues "
+        "one when it is there and starts a new run otherwise)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
@@ -183,12 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default=f"{DEFAULT_OUT}/checkpoint.safetensors", metavar="FILE")
     s.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: the one stored in the "
                    "checkpoint)")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-new-tokens", type=COUNT, default=200)
+    s.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0: greedy")
+    s.add_argument("--top-p", type=_number(float, 0, above=True, high=1), default=0.95)
+    s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--speculative", action="store_true", help="draft with the MTP head (self-speculative decoding)")
-    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--threads", type=THREADS, default=None)
+    debug_flag(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("demo", help="train for a few minutes, generate, compare speculative decoding")
@@ -197,22 +320,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `dsv3-lite` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def _status(e: BaseException) -> int | None:
+    """The exit status of an expected failure (see the module docstring), None for anything else (a bug)."""
     from dsv3_lite.train import TrainingError
 
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_STATUS["interrupted"]
+    if isinstance(e, TrainingError):
+        return EXIT_STATUS["training diverged"]
+    if isinstance(e, FileNotFoundError):
+        return EXIT_STATUS["missing file"]
+    if isinstance(e, (ValueError, OSError)):
+        return EXIT_STATUS["bad input"]
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    """One line saying what went wrong, where, and what to do."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(e, OSError) and e.strerror and e.filename:      # raised by the system, not by the package
+        return f"{e.strerror}: {e.filename}: check the path and its permissions, or choose another"
+    return " ".join(str(e).splitlines())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dsv3-lite` command; returns the exit status (`EXIT_STATUS`, see the module docstring)."""
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except TrainingError as e:
-        print(f"dsv3-lite {args.command}: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dsv3-lite {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"dsv3-lite {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Exception) as e:
+        status = _status(e)
+        if status is None:
+            raise                                   # not an expected failure: a bug, shown with its traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"dsv3-lite {args.command}: error: {_describe(e)}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__" and __package__ == "dsv3_lite":   # python -m dsv3_lite.cli (not when the notebook runs)

@@ -104,21 +104,43 @@ _POSITIVE_INT = ("max_batch_size", "max_seq_len", "vocab_size", "dim", "inter_di
                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "original_seq_len")
 
 
+def _finite_number(v: Any) -> bool:
+    """An int or a float, not a bool, and finite: NaN compares False with everything, so `if x < 1: refuse` lets it
+    through, and inf passes every lower bound."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+_TYPES = {  # declared type of a field -> (test, what it must be); the str fields are checked against _CHOICES
+    "bool": (lambda v: isinstance(v, bool), "a bool (True or False)"),  # gate_bias="no" would be truthy
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int (not a bool or a float)"),
+    "float": (_finite_number, "a finite number (an int or a float, not a bool)"),
+}
+
+
 def validate_args(a: ModelArgs) -> None:
-    """Raise `ValueError` naming the field, its value and what is allowed if `a` is not a consistent configuration."""
+    """Raise `ValueError` naming the field, its value and what is allowed if `a` is not a consistent configuration:
+    first the type of every field, then its range, then the constraints between fields."""
     def bad(field: str, allowed: str) -> None:
         raise ValueError(f"ModelArgs.{field}={getattr(a, field)!r} is not allowed: {allowed}")
 
-    for f in _POSITIVE_INT:
-        v = getattr(a, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            bad(f, "it must be a positive int")
+    for f in dataclasses.fields(a):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind in _TYPES and not _TYPES[kind][0](getattr(a, f.name)):
+            bad(f.name, f"it must be {_TYPES[kind][1]}")
     for f, choices in _CHOICES.items():
-        if getattr(a, f) not in choices:
-            bad(f, f"choose one of {choices}")
-    for f in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "n_mtp_layers"):
         v = getattr(a, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        if not (v is None or isinstance(v, str)) or v not in choices:
+            bad(f, f"choose one of {choices}")
+    for f in _POSITIVE_INT:
+        if getattr(a, f) < 1:
+            bad(f, "it must be a positive int")
+    for f in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "n_mtp_layers"):
+        if getattr(a, f) < 0:
             bad(f, "it must be an int >= 0")
     if a.n_dense_layers > a.n_layers:
         bad("n_dense_layers", f"at most n_layers={a.n_layers}")
@@ -135,17 +157,28 @@ def validate_args(a: ModelArgs) -> None:
         bad("n_expert_groups", "with gate_bias each group needs >= 2 experts (a group scores by its top-2 sum)")
     if a.gate_bias and a.score_func != "sigmoid":
         bad("gate_bias", "the routing bias goes with score_func='sigmoid' (V3); V2-style softmax configs have none")
-    for f in ("route_scale", "rope_theta", "rms_norm_eps", "init_std", "beta_slow"):
-        if not getattr(a, f) > 0:
+    for f in ("route_scale", "rms_norm_eps", "init_std", "beta_slow"):
+        if getattr(a, f) <= 0:
             bad(f, "it must be > 0")
+    if a.rope_theta <= 1:
+        bad("rope_theta", "it must be > 1: the RoPE frequencies rope_theta^(-2j/d_R) must fall with j (V3: 10000)")
     if a.rope_factor < 1:
         bad("rope_factor", "it must be >= 1 (YaRN stretches the context, it never shrinks it)")
-    if not a.beta_fast > a.beta_slow:
+    if a.beta_fast <= a.beta_slow:
         bad("beta_fast", f"it must be larger than beta_slow={a.beta_slow}")
     if a.mscale < 0:
         bad("mscale", "it must be >= 0")
     if a.scale_fmt is not None and a.dtype != "fp8":
         bad("scale_fmt", "a scale format only applies to dtype='fp8'")
+
+
+def _check_field_names(where: str, changes: dict[str, Any]) -> None:
+    """Refuse keyword arguments that are not `ModelArgs` fields (an HF name such as `hidden_size`, a typo)."""
+    names = {f.name for f in dataclasses.fields(ModelArgs)}
+    for k, v in changes.items():
+        if k not in names:
+            raise ValueError(f"{where}: {k}={v!r} is not allowed: ModelArgs has no such field (official names; "
+                             "HF_CONFIG_NAMES maps the HF ones)")
 
 
 # --- notebooks/02_embeddings.ipynb, cell 15 (id 6267dbca)
@@ -215,8 +248,8 @@ class ModelArgs:
     original_seq_len: int = 4096  # pre-training context; YaRN is on iff max_seq_len > original_seq_len; V3: 4096
     rope_theta: float = 10000.0  # RoPE base; V3: 10000
     rope_factor: float = 40  # YaRN context-extension factor s; V3: 40
-    beta_fast: int = 32  # YaRN: dims rotating more than beta_fast times in original_seq_len are kept; V3: 32
-    beta_slow: int = 1  # YaRN: dims rotating fewer than beta_slow times are divided by rope_factor; V3: 1
+    beta_fast: float = 32  # YaRN: dims rotating more than beta_fast times in original_seq_len are kept; V3: 32
+    beta_slow: float = 1  # YaRN: dims rotating fewer than beta_slow times are divided by rope_factor; V3: 1
     mscale: float = 1.0  # YaRN attention temperature: softmax scale *= (0.1 * mscale * ln s + 1)^2; V3: 1.0
     # ours (not in the official ModelArgs)
     gate_bias: bool = False  # aux-loss-free routing bias b_i (HF topk_method="noaux_tc"); official: dim == 7168; V3: True
@@ -251,19 +284,22 @@ class ModelArgs:
 
     def replace(self, **changes: Any) -> ModelArgs:
         """A copy with some fields changed (validated again)."""
+        _check_field_names("ModelArgs.replace", changes)
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelArgs:
         """One of `PRESETS` ("tiny", "16B", "236B", "671B", "v3.1"), with optional field overrides."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"ModelArgs.preset: name={name!r} is not allowed: choose one of {sorted(PRESETS)}")
+        _check_field_names("ModelArgs.preset", overrides)
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_hf_config(cls, config: str | Path | dict | Any, **overrides: Any) -> ModelArgs:
+    def from_hf_config(cls, config: str | Path | dict | Any, allow_other_model_type: bool = False,
+                       **overrides: Any) -> ModelArgs:
         """Read a HF `config.json` (path, folder, dict or `PretrainedConfig`); see `args_from_hf`."""
-        return args_from_hf(config, **overrides)
+        return args_from_hf(config, allow_other_model_type, **overrides)
 
     def to_hf_config(self) -> dict[str, Any]:
         """A dict for `transformers.DeepseekV3Config(**d)`; see `args_to_hf`."""
@@ -299,30 +335,83 @@ def param_counts(a: ModelArgs) -> dict[str, int]:
 
 
 # --- notebooks/02_embeddings.ipynb, cell 30 (id 7fa3d190)
+def _read_json_object(path: Path, where: str) -> dict[str, Any]:
+    """The JSON object in `path` (a config.json, a safetensors index); anything else raises a ValueError naming the
+    file (`where`: the function that reads it)."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: {path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: {path} holds a {type(d).__name__}, which is not allowed: it must hold one JSON "
+                         "object")
+    return d
+
+
 def _hf_dict(config: str | Path | dict | Any) -> dict[str, Any]:
     if isinstance(config, dict):
         return dict(config)
     if hasattr(config, "to_dict"):  # a transformers PretrainedConfig
         return config.to_dict()
-    path = Path(config)
-    if path.is_dir():
+    path = Path(config) if isinstance(config, (str, Path)) else None
+    if path is not None and path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if path is None or not path.is_file():
         raise ValueError(f"from_hf_config: config={str(config)!r} is not allowed: give a config.json, its folder, "
                          "a dict or a transformers config")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_json_object(path, "from_hf_config")
 
 
-def args_from_hf(config: str | Path | dict | Any, **overrides: Any) -> ModelArgs:
-    """`ModelArgs` from a HF DeepSeek-V2/V3 config (path to `config.json`, its folder, a dict or a `PretrainedConfig`).
+_HF_OPTIONAL = ("scoring_func", "topk_method",  # implied by model_type (transformers 5 writes neither for V3)
+                "num_nextn_predict_layers",     # absent: no MTP module (DeepSeek-V2 files)
+                "initializer_range")            # not read: init_std keeps the V3 training value
+_HF_NULLABLE = ("q_lora_rank", "n_group", "topk_group")  # null: no query compression (V2-Lite), one expert group
 
-    Runtime fields that a `config.json` does not hold (`max_batch_size`, `attn_impl`, or a smaller `max_seq_len`) can
-    be given as keyword overrides.
+
+def args_from_hf(config: str | Path | dict | Any, allow_other_model_type: bool = False, **overrides: Any) -> ModelArgs:
+    """`ModelArgs` from a HF DeepSeek-V3 config (path to `config.json`, its folder, a dict or a `PretrainedConfig`).
+
+    Every key of `HF_CONFIG_NAMES` is required (all missing ones are named in one error; null counts as missing),
+    except those in `_HF_OPTIONAL`; null is allowed for `_HF_NULLABLE`. A value of the wrong type names its key and
+    its field. `model_type` must be "deepseek_v3" unless `allow_other_model_type` (e.g. a DeepSeek-V2 file, which
+    routes by softmax without bias). Runtime fields that a `config.json` does not hold (`max_batch_size`,
+    `attn_impl`, or a smaller `max_seq_len`) can be given as keyword overrides.
     """
     hf = _hf_dict(config)
+    _check_field_names("from_hf_config", overrides)
+
     def refuse(key: str, allowed: str) -> None:
         raise ValueError(f"from_hf_config: {key}={hf.get(key)!r} is not allowed: {allowed}")
 
+    def number(value: Any, key: str, field: str | None, kind: str = "float") -> Any:  # checked before arithmetic
+        if not _TYPES[kind][0](value):
+            name = f"{key}: ModelArgs.{field}" if field else key
+            raise ValueError(f"from_hf_config: {name}={value!r} is not allowed: it must be {_TYPES[kind][1]}")
+        return value
+
+    if hf.get("model_type") != "deepseek_v3" and not allow_other_model_type:
+        refuse("model_type", "only 'deepseek_v3' (DeepseekV3ForCausalLM) configs are read; "
+               "allow_other_model_type=True reads another DeepSeek config with MLA (e.g. 'deepseek_v2')")
+    for key in ("rope_parameters", "rope_scaling", "quantization_config"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            refuse(key, "it must be a dict (a JSON object)")
+    # RoPE: rope_scaling (published file, transformers 4.x) or rope_parameters (transformers 5)
+    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(rope_key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta_key = f"{rope_key}.rope_theta" if rope.get("rope_theta") is not None else "rope_theta"
+    theta = rope["rope_theta"] if rope.get("rope_theta") is not None else hf.get("rope_theta")
+    missing = [f"{key} (ModelArgs.{ours})" for ours, key in HF_CONFIG_NAMES.items() if "." not in key
+               and key not in _HF_OPTIONAL and hf.get(key) is None and not (key in _HF_NULLABLE and key in hf)]
+    if theta is None:
+        missing.append(f"{rope_key}.rope_theta or rope_theta (ModelArgs.rope_theta)")
+    if kind == "yarn":
+        missing += [f"{rope_key}.{key} (ModelArgs.{ours})" for key, ours in
+                    (("factor", "rope_factor"), ("original_max_position_embeddings", "original_seq_len"))
+                    if rope.get(key) is None]
+    if missing:
+        raise ValueError(f"from_hf_config: a config without {', '.join(missing)} is not allowed: every key that "
+                         "ModelArgs reads is required, none is filled in with a default")
     if hf.get("attention_bias"):
         refuse("attention_bias", "MLA projections have no bias in DeepSeek-V3")
     if hf.get("tie_word_embeddings"):
@@ -334,55 +423,80 @@ def args_from_hf(config: str | Path | dict | Any, **overrides: Any) -> ModelArgs
     if hf.get("moe_layer_freq", 1) != 1:
         refuse("moe_layer_freq", "every layer after the dense ones is MoE (1)")
     a: dict[str, Any] = {}
+    source: dict[str, str] = {}  # field -> the key it came from, named by a ModelArgs error
+
+    def put(field: str, key: str, value: Any) -> None:
+        a[field], source[field] = value, key
+
     for ours, key in HF_CONFIG_NAMES.items():
         if "." not in key and hf.get(key) is not None and ours not in ("gate_bias", "init_std"):
-            a[ours] = hf[key]
-    a["q_lora_rank"] = hf.get("q_lora_rank") or 0
-    a["n_expert_groups"] = hf.get("n_group") or 1
-    a["n_limited_groups"] = hf.get("topk_group") or 1
-    is_v3 = hf.get("model_type", "deepseek_v3") == "deepseek_v3"
-    a["score_func"] = hf.get("scoring_func") or ("sigmoid" if is_v3 else "softmax")
-    a["gate_bias"] = hf.get("topk_method", "noaux_tc" if is_v3 else "greedy") == "noaux_tc"
-    if hf.get("norm_topk_prob") is not None and bool(hf["norm_topk_prob"]) != (a["score_func"] == "sigmoid"):
-        refuse("norm_topk_prob", "the official gate renormalises the top-k weights exactly when scoring is sigmoid")
-    a["n_mtp_layers"] = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0
+            put(ours, key, hf[key])
+    for ours, key, null in (("q_lora_rank", "q_lora_rank", 0), ("n_expert_groups", "n_group", 1),
+                            ("n_limited_groups", "topk_group", 1)):
+        put(ours, key, null if hf[key] is None else hf[key])
+    is_v3 = hf.get("model_type") == "deepseek_v3"
+    if hf.get("scoring_func") is None:
+        put("score_func", "scoring_func", "sigmoid" if is_v3 else "softmax")
+    topk_method = hf.get("topk_method")
+    if topk_method is None:
+        topk_method = "noaux_tc" if is_v3 else "greedy"
+    if topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+        refuse("topk_method", "choose one of ('noaux_tc', 'greedy', 'group_limited_greedy')")
+    put("gate_bias", "topk_method", topk_method == "noaux_tc")
+    if hf.get("norm_topk_prob") is not None:
+        if not isinstance(hf["norm_topk_prob"], bool):
+            refuse("norm_topk_prob", "it must be a bool")
+        if hf["norm_topk_prob"] != (a["score_func"] == "sigmoid"):
+            refuse("norm_topk_prob", "the official gate renormalises the top-k weights exactly when scoring is "
+                   "sigmoid")
+    mtp_key = "num_nextn_predict_layers" if hf.get("num_nextn_predict_layers") is not None else "num_mtp_layers"
+    put("n_mtp_layers", mtp_key, 0 if hf.get(mtp_key) is None else hf[mtp_key])
     q = hf.get("quantization_config") or {}
     if q:
         if q.get("quant_method") != "fp8" or q.get("weight_block_size", [128, 128]) != [128, 128]:
             refuse("quantization_config", "only FP8 with 128x128 weight blocks (the released format)")
-        a["dtype"], a["scale_fmt"] = "fp8", q.get("scale_fmt")
-    # RoPE: rope_scaling (published file, transformers 4.x) or rope_parameters (transformers 5)
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    a["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    max_pos = int(a.get("max_seq_len", 4096))
+        a["dtype"] = "fp8"
+        put("scale_fmt", "quantization_config.scale_fmt", q.get("scale_fmt"))
+    put("rope_theta", theta_key, float(number(theta, theta_key, "rope_theta")))
+    max_pos = number(a["max_seq_len"], "max_position_embeddings", "max_seq_len", "int")
     if kind == "yarn":
-        a["original_seq_len"] = int(rope["original_max_position_embeddings"])
-        a["rope_factor"] = float(rope.get("factor") or max_pos / a["original_seq_len"])
-        a["beta_fast"] = rope.get("beta_fast") or 32
-        a["beta_slow"] = rope.get("beta_slow") or 1
+        key = f"{rope_key}.original_max_position_embeddings"
+        put("original_seq_len", key, number(rope["original_max_position_embeddings"], key, "original_seq_len", "int"))
+        put("rope_factor", f"{rope_key}.factor", float(number(rope["factor"], f"{rope_key}.factor", "rope_factor")))
+        for beta, default in (("beta_fast", 32), ("beta_slow", 1)):
+            put(beta, f"{rope_key}.{beta}", default if rope.get(beta) is None else rope[beta])
         m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        for key, v in (("mscale", m), ("mscale_all_dim", m_all)):
+            if v is not None:
+                number(v, f"{rope_key}.{key}", "mscale")
         rope_attn = rope.get("attention_factor")
         if rope_attn is None:
             rope_attn = _yarn_m(a["rope_factor"], m) / _yarn_m(a["rope_factor"], m_all) if m and m_all \
                 else _yarn_m(a["rope_factor"], 1.0)
-        if abs(rope_attn - 1.0) > 1e-9:
+        if abs(number(rope_attn, f"{rope_key}.attention_factor", None) - 1.0) > 1e-9:
             raise ValueError(f"from_hf_config: rope mscale={m!r}, mscale_all_dim={m_all!r} is not allowed: "
                              f"HF would scale cos/sin by {rope_attn:.6g}, which the official code never does; "
                              "set both to the same value (V3: 1.0)")
-        a["mscale"] = float(m_all or 0.0)
+        put("mscale", f"{rope_key}.mscale_all_dim", float(m_all or 0.0))
         if max_pos <= a["original_seq_len"] and "max_seq_len" not in overrides:
             refuse("max_position_embeddings", f"with YaRN it must exceed original_max_position_embeddings="
                    f"{a['original_seq_len']}, or the official rule (YaRN iff max_seq_len > original_seq_len) "
                    "switches YaRN off")
     elif kind == "default":
-        a["original_seq_len"], a["rope_factor"] = max_pos, 1.0  # YaRN off: max_seq_len <= original_seq_len
+        put("original_seq_len", "max_position_embeddings", max_pos)  # YaRN off: max_seq_len <= original_seq_len
+        a["rope_factor"] = 1.0
     else:
         raise ValueError(f"from_hf_config: rope type={kind!r} is not allowed: use 'yarn' or 'default'")
-    return ModelArgs(**{**a, **overrides})
+    try:
+        return ModelArgs(**{**a, **overrides})
+    except ValueError as e:  # a ModelArgs error names the field; add the config key it was read from
+        field = str(e).partition("=")[0].removeprefix("ModelArgs.")
+        if field in source and field not in overrides:
+            raise ValueError(f"from_hf_config: {source[field]}: {e}") from e
+        raise
 
 
-# --- notebooks/02_embeddings.ipynb, cell 34 (id 0c40093a)
+# --- notebooks/02_embeddings.ipynb, cell 36 (id 0c40093a)
 def args_to_hf(a: ModelArgs) -> dict[str, Any]:
     """A `transformers.DeepseekV3Config` keyword dict (transformers-5 `rope_parameters` form) equivalent to `a`."""
     hf: dict[str, Any] = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}

@@ -24,7 +24,7 @@ from dsv3_lite.config import ModelArgs
 __all__ = ['Embedding', 'Head']
 
 
-# --- notebooks/02_embeddings.ipynb, cell 42 (id e6e967ae)
+# --- notebooks/02_embeddings.ipynb, cell 44 (id e6e967ae)
 class Embedding(nn.Module):
     """Token embedding `e_t = E[t]` (official `ParallelEmbedding` with one rank; HF `embed_tokens`).
 
@@ -45,7 +45,7 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)  # [B, S, D]
 
 
-# --- notebooks/02_embeddings.ipynb, cell 47 (id c5b22baf)
+# --- notebooks/02_embeddings.ipynb, cell 49 (id c5b22baf)
 class Head(nn.Module):
     """Untied output head `logits = h W_headᵀ` (official `head`, a `ColumnParallelLinear`; HF `lm_head`).
 

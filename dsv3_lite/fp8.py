@@ -32,6 +32,8 @@ FP8 = torch.float8_e4m3fn        # the one FP8 format of DeepSeek-V3 (§3.3.2): 
 FP8_MAX = 448.0                  # largest finite e4m3fn value: 1.75 · 2^8
 BLOCK = 128                      # scale block: 1×128 activation tiles, 128×128 weight blocks
 AMAX_FLOOR = 1e-4                # an all-zero tile still gets a finite, non-zero scale
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)   # what the FP8 layers take and
+                                                                                  # what weights dequantise to
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -42,17 +44,23 @@ def _fail(fn: str, what: str, got, allowed: str):
     raise ValueError(f"{fn}: {what} = {got}; {allowed}")
 
 
+def _check_dtype(fn: str, what: str, dtype, allowed: tuple = _FLOAT_DTYPES) -> None:
+    if dtype not in allowed:
+        _fail(fn, what, dtype, f"allowed: {', '.join(str(d) for d in allowed)}")
+
+
 # --- notebooks/08_fp8_kernels.ipynb, cell 21 (id aea76404)
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
-    """Round positive scales up to a power of two (the UE8M0 scale format of DeepSeek-V3.1), exactly.
+    """Round positive scales up to a power of two (the UE8M0 scale format of DeepSeek-V3.1), exactly: 2^⌈log₂ s⌉.
 
-    `frexp` splits s = m · 2^e with m in [0.5, 1); s is already a power of two iff m == 0.5.
+    `frexp` splits s = m · 2^e with m in [0.5, 1); s is already a power of two iff m == 0.5. NaN and inf stay as
+    they are, as in 2^⌈log₂ s⌉ (`frexp` leaves their exponent unspecified).
 
-    >>> pow2_ceil(torch.tensor([0.3, 0.25, 3.0]))
-    tensor([0.5000, 0.2500, 4.0000])
+    >>> pow2_ceil(torch.tensor([0.3, 0.25, 3.0, float("inf")]))
+    tensor([0.5000, 0.2500, 4.0000,    inf])
     """
     m, e = torch.frexp(s)
-    return torch.ldexp(torch.ones_like(s), torch.where(m == 0.5, e - 1, e))
+    return torch.where(torch.isfinite(s), torch.ldexp(torch.ones_like(s), torch.where(m == 0.5, e - 1, e)), s)
 
 
 # --- notebooks/08_fp8_kernels.ipynb, cell 24 (id bf30ca03)
@@ -60,6 +68,8 @@ def act_quant_ref(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | Non
     """PyTorch reference of `act_quant`: per 1×`block_size` tile, s = max(amax, 1e-4)/448 and x_q = fp8(x/s).
 
     x: [..., K] with K % block_size == 0. Returns (x_q [..., K] float8_e4m3fn, s [..., K/block_size] float32).
+    NaN and inf as `torch.amax` has them: a tile holding a NaN gets a NaN scale and is NaN throughout; one holding
+    ±inf (and no NaN) gets an infinite scale, NaN at the ±inf (e4m3fn has no infinity) and ±0 elsewhere (x · 1/inf).
     """
     K = x.shape[-1]
     xt = x.float().unflatten(-1, (K // block_size, block_size))      # [..., K/128, 128]
@@ -76,7 +86,8 @@ def act_quant_ref(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | Non
 def weight_quant_ref(w: torch.Tensor, block_size: int = BLOCK):
     """PyTorch reference of `weight_quant`: one scale per block_size × block_size block (edges zero-padded).
 
-    w: [N, K]. Returns (w_q [N, K] float8_e4m3fn, s [ceil(N/128), ceil(K/128)] float32).
+    w: [N, K]. Returns (w_q [N, K] float8_e4m3fn, s [ceil(N/128), ceil(K/128)] float32). NaN and inf as in
+    `act_quant_ref`, per block: a NaN makes its block NaN, an inf its scale infinite.
     """
     N, K = w.shape
     nb, kb = -(-N // block_size), -(-K // block_size)
@@ -90,7 +101,11 @@ def weight_quant_ref(w: torch.Tensor, block_size: int = BLOCK):
 
 # --- notebooks/08_fp8_kernels.ipynb, cell 28 (id f42a0996)
 def weight_dequant_ref(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK, dtype=torch.bfloat16):
-    """PyTorch reference of `weight_dequant`: W[i, j] = W_q[i, j] · s[i // 128, j // 128] (the scale multiplies)."""
+    """PyTorch reference of `weight_dequant`: W[i, j] = W_q[i, j] · s[i // 128, j // 128] (the scale multiplies).
+
+    dtype: bfloat16, float16, float32 or float64. A NaN code or a NaN scale gives NaN, an infinite scale ±inf (NaN
+    where W_q is 0)."""
+    _check_dtype("weight_dequant_ref", "dtype", dtype)
     N, K = w.shape
     s_full = s.repeat_interleave(block_size, 0)[:N].repeat_interleave(block_size, 1)[:, :K]  # [N, K]
     return (w.float() * s_full).to(dtype)
@@ -112,12 +127,24 @@ def _check_tensor(fn, name, t, dtypes=None, ndim=None):
     """Refuse anything but a contiguous tensor of `dtypes` with `ndim` dimensions, naming `fn` and the argument."""
     if not isinstance(t, torch.Tensor):
         _fail(fn, f"type({name})", type(t).__name__, "expected a torch.Tensor")
-    if dtypes is not None and t.dtype not in dtypes:
-        _fail(fn, f"{name}.dtype", t.dtype, f"allowed: {', '.join(str(d) for d in dtypes)}")
+    if dtypes is not None:
+        _check_dtype(fn, f"{name}.dtype", t.dtype, dtypes)
     if ndim is not None and t.dim() != ndim:
         _fail(fn, f"{name}.dim()", t.dim(), f"expected {ndim} dimensions (shape {tuple(t.shape)})")
     if not t.is_contiguous():
         _fail(fn, f"{name}.stride()", t.stride(), f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _check_activations(fn: str, x, width: int, width_name: str) -> None:
+    """Activations x [..., width] in a float dtype (any strides). Type, dtype and shape only: nothing here reads the
+    data, so a check costs no host sync."""
+    if not isinstance(x, torch.Tensor):
+        _fail(fn, "type(x)", type(x).__name__, "expected a torch.Tensor")
+    _check_dtype(fn, "x.dtype", x.dtype)
+    if x.dim() == 0:
+        _fail(fn, "x.dim()", 0, f"expected x of shape [..., {width_name} = {width}]")
+    if x.shape[-1] != width:
+        _fail(fn, "x.shape[-1]", x.shape[-1], f"must equal {width_name} = {width} (x of shape {tuple(x.shape)})")
 
 
 def _check_weight(fn, b, b_s, K=None):
@@ -135,7 +162,7 @@ def _check_weight(fn, b, b_s, K=None):
         _fail(fn, "b_s.device", b_s.device, f"must be b's device {b.device}")
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 61 (id 5dc82fce)
+# --- notebooks/08_fp8_kernels.ipynb, cell 63 (id 5dc82fce)
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     """`t` as a parameter without gradient (FP8 weights are loaded, not trained); one already is."""
     return t if isinstance(t, nn.Parameter) and not t.requires_grad else nn.Parameter(t, requires_grad=False)
@@ -219,6 +246,7 @@ class FP8Linear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        _check_activations("FP8Linear", x, self.in_features, "in_features")
         if _kernels_run_here(x):
             from dsv3_lite.kernels.fp8 import fp8_linear  # the Triton kernels, imported on first use
             y = fp8_linear(x.contiguous(), self.weight, self.scale, self.scale_fmt)
@@ -241,7 +269,7 @@ class FP8Linear(nn.Module):
                 (f", scale_fmt={self.scale_fmt}" if self.scale_fmt else ""))
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 65 (id 5b7e2c41)
+# --- notebooks/08_fp8_kernels.ipynb, cell 67 (id 5b7e2c41)
 class FP8Experts(nn.Module):
     """`Experts` with FP8 weights (inference; official `Expert` with `Linear(dtype=fp8)`, HF `FP8Expert`).
 
@@ -300,11 +328,27 @@ class FP8Experts(nn.Module):
                 impl: str = "sorted") -> torch.Tensor:
         if impl not in ("sorted", "loop"):
             raise ValueError(f"FP8Experts: impl = {impl!r} is not allowed: choose 'sorted' or 'loop'")
+        self._check_inputs(x, weights, indices)
         xq, xs = act_quant_ref(x, scale_fmt=self.scale_fmt)          # [N, D] fp8, [N, D/128]: tiles are rows, so
         y = torch.zeros_like(x)                                      # quantising before any gather is exact
         if impl == "loop":
             return self._loop(x, xq, xs, weights, indices, y)
         return self._sorted(x, xq, xs, weights, indices, y)
+
+    def _check_inputs(self, x, weights, indices):
+        """x [N, dim] in a float dtype, weights and indices [N, k], indices integer: shapes and dtypes only."""
+        if isinstance(x, torch.Tensor) and x.dim() != 2:
+            _fail("FP8Experts", "x.shape", tuple(x.shape), f"expected [N, dim = {self.dim}], one row per token")
+        _check_activations("FP8Experts", x, self.dim, "dim")
+        for name, t in (("weights", weights), ("indices", indices)):
+            if not isinstance(t, torch.Tensor):
+                _fail("FP8Experts", f"type({name})", type(t).__name__, "expected a torch.Tensor")
+        _check_dtype("FP8Experts", "indices.dtype", indices.dtype, (torch.int64, torch.int32))
+        if indices.dim() != 2 or indices.shape[0] != x.shape[0]:
+            _fail("FP8Experts", "indices.shape", tuple(indices.shape), f"expected [N = {x.shape[0]}, k]")
+        if weights.shape != indices.shape:
+            _fail("FP8Experts", "weights.shape", tuple(weights.shape), f"must equal indices.shape "
+                  f"{tuple(indices.shape)}")
 
     def _loop(self, x, xq, xs, weights, indices, y):
         """One expert at a time, its tokens found with `torch.where` (the official order)."""
@@ -338,7 +382,7 @@ class FP8Experts(nn.Module):
                 "128x128 block scales" + (f", scale_fmt={self.scale_fmt}" if self.scale_fmt else ""))
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 69 (id 9d5a7b26)
+# --- notebooks/08_fp8_kernels.ipynb, cell 71 (id 9d5a7b26)
 def use_fp8(module: nn.Module, scale_fmt: str | None = None) -> nn.Module:
     """Store the big matrices of `module` in FP8, in place (what `Transformer` does for `ModelArgs.dtype == "fp8"`).
 

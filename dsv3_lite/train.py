@@ -3,7 +3,8 @@
 DeepSeek-V3's pre-training loop at laptop scale: the loss `next-token CE + λ·L_MTP + Σ α·L_Bal` (arXiv:2412.19437
 §2.2 eqs. 24-25, §2.1.2 eqs. 17-20) with the auxiliary-loss-free bias update after every step, AdamW with warm-up
 and cosine (§4.2), evaluation on fixed windows, and pickle-free safetensors checkpoints (weights, AdamW and RNG
-state, the tokenizer) with exact resume and clear stops on a non-finite loss, Ctrl-C and a mismatched resume.
+state, the tokenizer), written atomically and durably, with exact resume and clear stops on a non-finite loss,
+Ctrl-C, a mismatched resume and a model too large for the machine's memory.
 DeepSeek released no training code. Differences from V3's recipe (its published values: docs/deepseek_v3.md §3.6):
 fp32 on CPU instead of FP8, no constant-LR phase or batch-size ramp, and a bias update that compares each expert
 with the mean load (the paper does not state the rule).
@@ -28,18 +29,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dsv3_lite.config import ModelArgs
+from dsv3_lite.config import ModelArgs, param_counts
 from dsv3_lite.data.corpus import SHAKESPEARE_TOKENIZER_FILE
-from dsv3_lite.data.tokens import TokenFile, eval_windows, load_splits, sample_windows
+from dsv3_lite.data.tokens import (
+    TokenFile,
+    eval_windows,
+    load_splits,
+    remove_stale_temporaries,
+    replace_atomically,
+    sample_windows,
+    shakespeare_tokens,
+    temporary_path,
+)
 from dsv3_lite.model import Transformer
 from dsv3_lite.moe import Gate, expert_load, sequence_balance_loss, update_bias
 from dsv3_lite.mtp import add_mtp, mtp_logits, mtp_loss
 from dsv3_lite.tokenizer import BPETokenizer
 
-__all__ = ['TrainConfig', 'RESUME_MAY_CHANGE', 'RouterRecorder', 'compute_loss', 'lr_at', 'make_optimizer', 'TrainingError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_tokenizer', 'load_model', 'Trainer']
+__all__ = ['TrainConfig', 'RESUME_MAY_CHANGE', 'RouterRecorder', 'compute_loss', 'lr_at', 'make_optimizer', 'training_bytes', 'inference_bytes', 'available_memory', 'check_fits_in_memory', 'TrainingError', 'save_checkpoint', 'checkpoint_metadata', 'read_checkpoint', 'checkpoint_tokenizer', 'load_model', 'Trainer']
 
 
-# --- notebooks/10_training.ipynb, cell 22 (id 3eb151fd)
+# --- notebooks/10_training.ipynb, cell 23 (id 3eb151fd)
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run depends on (saved in every checkpoint; see `RESUME_MAY_CHANGE`)."""
@@ -73,24 +83,52 @@ class TrainConfig:
         return args
 
     def validate(self) -> None:
+        """Check every field: its declared type (an int is not a bool or a float; a float may be an int), finite
+        floats, and the ranges below. A ValueError names the field, its value and what is allowed."""
+        def bad(f: str, allowed: str):
+            raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r} is not allowed: {allowed}")
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                bad(f.name, "an int (not a bool or a float)")
+            if f.type == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+                bad(f.name, "a finite float")
+            if f.type == "str" and not isinstance(v, str):
+                bad(f.name, "a str")
+            if f.type == "str | None" and not isinstance(v, (str, type(None))):
+                bad(f.name, "a str or None (a folder made by prepare; give a Path as str(path))")
+        if not isinstance(self.model, dict):
+            bad("model", "a dict of ModelArgs overrides, e.g. {'n_layers': 2}")
+        unknown = [k for k in self.model if k not in {f.name for f in dataclasses.fields(ModelArgs)}]
+        if unknown:
+            bad("model", f"unknown ModelArgs field {unknown[0]!r}")
         for f in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "ckpt_every"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"TrainConfig.{f}={v!r} is not allowed: it must be a positive int")
+            if getattr(self, f) < 1:
+                bad(f, "it must be a positive int")
         if not 0 <= self.warmup < self.steps:
-            raise ValueError(f"TrainConfig.warmup={self.warmup} is not allowed: 0 <= warmup < steps={self.steps}")
+            bad("warmup", f"0 <= warmup < steps={self.steps}")
+        if not self.lr > 0:
+            bad("lr", "a finite float > 0")
         if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"TrainConfig.min_lr={self.min_lr} is not allowed: 0 < min_lr <= lr={self.lr}")
+            bad("min_lr", f"0 < min_lr <= lr={self.lr} (min_lr is where the cosine ends: lower it with lr)")
         for f in ("weight_decay", "mtp_lambda", "bias_gamma", "balance_alpha", "grad_clip"):
             if getattr(self, f) < 0:
-                raise ValueError(f"TrainConfig.{f}={getattr(self, f)} is not allowed: it must be >= 0")
+                bad(f, "it must be >= 0")
+        for f in ("beta1", "beta2"):
+            if not 0 <= getattr(self, f) < 1:
+                bad(f, f"0 <= {f} < 1")
+        if not 0 < self.val_fraction < 1:
+            bad("val_fraction", "0 < val_fraction < 1")
+        if not 0 <= self.seed < 2 ** 64:
+            bad("seed", "0 <= seed < 2**64 (torch.Generator's range)")
         self.model_args()
 
 
 RESUME_MAY_CHANGE = ("steps", "eval_every", "eval_batches", "ckpt_every")  # the rest must match the checkpoint
 
 
-# --- notebooks/10_training.ipynb, cell 25 (id ea6a01e3)
+# --- notebooks/10_training.ipynb, cell 26 (id ea6a01e3)
 class RouterRecorder:
     """Forward hooks on every `Gate` of a model (main layers and MTP block) that keep what the balancing needs.
 
@@ -147,7 +185,7 @@ def compute_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, cfg: Trai
     return {"loss": main + mtp + bal, "main": main, "mtp": mtp, "balance": bal}
 
 
-# --- notebooks/10_training.ipynb, cell 29 (id 5139a734)
+# --- notebooks/10_training.ipynb, cell 30 (id 5139a734)
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr` over `warmup` steps, then a cosine down
     to `min_lr` at `steps` ([V3] §4.2 uses warm-up, a constant phase and a cosine; at our scale, warm-up + cosine)."""
@@ -169,7 +207,60 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
     return opt, [n for n, _ in decay + no_decay]
 
 
-# --- notebooks/10_training.ipynb, cell 33 (id ffdedd7b)
+# --- notebooks/10_training.ipynb, cell 34 (id 4c1d7e90)
+def training_bytes(args: ModelArgs, batch_size: int, seq_len: int) -> int:
+    """A lower bound of the memory `Trainer` needs, from the shapes alone: 16 bytes per parameter (float32 weights,
+    their gradients, AdamW's exp_avg and exp_avg_sq; the MTP module included), plus one batch of logits and their
+    gradients (B·S·V float32 values × 2, for the main head and each MTP head). Activations come on top."""
+    n = param_counts(args)
+    return 16 * (n["total"] + n["mtp"]) + 8 * batch_size * seq_len * args.vocab_size * (1 + args.n_mtp_layers)
+
+
+def inference_bytes(args: ModelArgs) -> int:
+    """A lower bound of the memory `load_model` needs: 4 bytes per parameter (float32 weights, MTP included)."""
+    n = param_counts(args)
+    return 4 * (n["total"] + n["mtp"])
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give: Linux's MemAvailable (/proc/meminfo), lowered to a cgroup's memory.max when
+    a container sets one; elsewhere the free physical pages (os.sysconf); None when the system does not say."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            pass
+    try:
+        limit, used = (Path("/sys/fs/cgroup", f).read_text().strip() for f in ("memory.max", "memory.current"))
+        if limit != "max":
+            available = min(available or math.inf, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units: 52428800 -> '52.4 MB'."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+
+
+def check_fits_in_memory(needed: int, what: str, why: str, remedy: str) -> None:
+    """Refuse, before anything is allocated, what cannot fit: a ValueError naming both sizes when `needed` bytes
+    exceed `available_memory()`. `needed` is a lower bound (`training_bytes`, `inference_bytes`)."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ValueError(f"{what} needs at least {_size(needed)} of memory {why}, but this machine has "
+                         f"{_size(available)} available: {remedy}")
+
+
+# --- notebooks/10_training.ipynb, cell 37 (id ffdedd7b)
 class TrainingError(RuntimeError):
     """Training stopped: a non-finite loss or gradient (the message names the step and the last good checkpoint)."""
 
@@ -199,36 +290,78 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     metadata = {"dsv3_lite": json.dumps({**meta, "optimizer": {"param_groups": groups, "param_names": param_names}})}
     if tokenizer_json is not None:
         metadata["tokenizer.json"] = tokenizer_json
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        replace_atomically(tmp, path)                # fsync, rename, fsync the folder
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a checkpoint written by `save_checkpoint`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    with safe_open(path, framework="pt") as f:
-        meta = (f.metadata() or {}).get("dsv3_lite")
-        if meta is None:
-            raise ValueError(f"{path} is not a dsv3_lite training checkpoint (no 'dsv3_lite' metadata)")
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta)
-
-
 def _metadata(path: Path) -> dict[str, str]:
-    """The string metadata of a safetensors file (read from its header; no tensor is loaded)."""
-    from safetensors import safe_open
+    """The string metadata of a safetensors file, read from its header (no tensor is loaded); a ValueError names a
+    file that is not one."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found: check the path (dsv3-lite train writes "
+                                "OUT/checkpoint.safetensors)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({e}): the file is truncated or is not a safetensors "
+                         "file; restore a copy, or start a new run") from None
+
+
+_META_FIELDS = {"config": dict, "model_args": dict, "step": int, "tokens_seen": int, "history": dict,
+                "optimizer": dict}        # what each kind of reader needs, checked before it is used
+
+
+def checkpoint_metadata(path: str | Path, *fields: str) -> dict[str, Any]:
+    """The JSON metadata of a training checkpoint (config, model_args, step, history, ...) without loading a tensor.
+    `fields` must be present with their types; ValueErrors name the file and the field."""
+    path = Path(path)
+    raw = _metadata(path).get("dsv3_lite")
+    if raw is None:
+        raise ValueError(f"{path} is not a dsv3_lite training checkpoint (no 'dsv3_lite' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {path}: its 'dsv3_lite' metadata is not JSON ({e}): the file was edited or "
+                         "damaged") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint {path}: its 'dsv3_lite' metadata is not a JSON object")
+    for f in fields:
+        kind = _META_FIELDS[f]
+        if f not in meta:
+            raise ValueError(f"checkpoint {path}: its metadata has no {f!r} (it was not written by Trainer.save, or "
+                             "was edited)")
+        if not isinstance(meta[f], kind) or isinstance(meta[f], bool) or (kind is int and meta[f] < 0):
+            raise ValueError(f"checkpoint {path}: metadata {f} = {meta[f]!r:.60} is not allowed: "
+                             f"{'an int >= 0' if kind is int else 'a JSON object'}")
+    return meta
+
+
+def _tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose names start with `prefix`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except SafetensorError as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({e}): the file is truncated or is not a safetensors "
+                         "file; restore a copy, or start a new run") from None
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of a checkpoint written by `save_checkpoint`; a damaged or foreign file gives a ValueError
+    naming it."""
+    meta = checkpoint_metadata(path, "step")
+    return _tensors(Path(path)), meta
 
 
 def checkpoint_tokenizer(path: str | Path) -> BPETokenizer:
@@ -236,15 +369,11 @@ def checkpoint_tokenizer(path: str | Path) -> BPETokenizer:
     or moved checkpoint needs no other file. A checkpoint without one (written before checkpoints carried their
     tokenizer) falls back to the file its metadata names, if that file still exists."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
     metadata = _metadata(path)
     if "tokenizer.json" in metadata:
-        return BPETokenizer.from_str(metadata["tokenizer.json"])
-    if "dsv3_lite" not in metadata:
-        raise ValueError(f"{path} is not a dsv3_lite training checkpoint (no 'dsv3_lite' metadata)")
-    named = json.loads(metadata["dsv3_lite"]).get("tokenizer")
-    if named and Path(named).is_file():
+        return BPETokenizer.from_str(metadata["tokenizer.json"], source=f"the tokenizer.json stored in {path}")
+    named = checkpoint_metadata(path).get("tokenizer")
+    if isinstance(named, str) and Path(named).is_file():
         return BPETokenizer.from_file(named)
     missing = f" and the file it names, {named}, does not exist" if named else ""
     raise ValueError(f"checkpoint {path} holds no tokenizer{missing}: give the tokenizer.json the model was trained "
@@ -263,14 +392,28 @@ def _model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
-    """The model (with its MTP module) of a training checkpoint, in eval mode, and the checkpoint's metadata."""
-    tensors, meta = read_checkpoint(path)
-    model = _build_model(ModelArgs(**meta["model_args"]))
-    model.load_state_dict(_model_state(tensors))
+    """The model (with its MTP module) of a training checkpoint, in eval mode, and the checkpoint's metadata. The
+    weights are read only after `check_fits_in_memory` has accepted the model's size."""
+    path = Path(path)
+    meta = checkpoint_metadata(path, "model_args")
+    try:
+        args = ModelArgs(**meta["model_args"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_model: the checkpoint {path} has model_args that ModelArgs refuses: {e}") from None
+    n = param_counts(args)
+    check_fits_in_memory(inference_bytes(args), f"load_model: the checkpoint {path}",
+                         f"to load ({n['total'] + n['mtp']:,} parameters × 4 bytes: float32 weights)",
+                         "load it on a machine with more memory")
+    model = _build_model(args)
+    try:
+        model.load_state_dict(_model_state(_tensors(path, "model.")))
+    except RuntimeError as e:                        # missing, unexpected or mis-shaped tensors
+        raise ValueError(f"load_model: the checkpoint {path} does not fit its model_args: "
+                         f"{' '.join(str(e).split())[:300]}") from None
     return model.eval(), meta
 
 
-# --- notebooks/10_training.ipynb, cell 36 (id 6ad15670)
+# --- notebooks/10_training.ipynb, cell 40 (id 6ad15670)
 def _data_tokenizer(data: str | None) -> tuple[str | None, str | None]:
     """(path, text) of the tokenizer.json the training data was prepared with, read once so that every checkpoint
     carries the tokenizer itself. (None, None) for data prepared from a `BPETokenizer` object; (path, None) when the
@@ -291,6 +434,16 @@ def _data_tokenizer(data: str | None) -> tuple[str | None, str | None]:
     return str(path), raw.decode("utf-8")
 
 
+def _check_data_vocab(data: str | None, args: ModelArgs) -> None:
+    """Refuse ids the model's embedding cannot look up: data prepared with a larger vocabulary than the model's."""
+    header = (TokenFile(Path(data) / "train.bin") if data is not None else shakespeare_tokens()[0]).header
+    vocab = header.get("vocab_size")
+    if vocab is not None and vocab > args.vocab_size:
+        raise ValueError(f"Trainer: the data {data or 'bundled Shakespeare'} was prepared with a tokenizer of "
+                         f"{vocab:,} tokens, more than the model's vocab_size = {args.vocab_size:,}: choose a preset whose "
+                         "vocabulary holds it, or prepare the data with a smaller tokenizer")
+
+
 class Trainer:
     """Trains a `Transformer` (+ MTP) on a token file: `Trainer(cfg, out_dir).train()`.
 
@@ -301,7 +454,8 @@ class Trainer:
     Faults: a non-finite loss or gradient raises `TrainingError` naming the step (the last checkpoint, written after a
     good step, is kept); Ctrl-C (SIGINT) finishes the current step, saves and returns with `interrupted = True`;
     `resume=True` continues from `out_dir/checkpoint.safetensors` exactly (same batches, same losses) and refuses a
-    checkpoint made with another configuration.
+    checkpoint made with another configuration. Before anything is allocated, a model that cannot fit in memory
+    (`training_bytes`) is refused, and temporary files of killed saves in `out_dir` are deleted.
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False,
@@ -310,13 +464,24 @@ class Trainer:
         self.cfg, self.log = cfg, log or (lambda s: None)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.ckpt_path = self.out_dir / "checkpoint.safetensors" if self.out_dir is not None else None
-        torch.manual_seed(cfg.seed)
+        if self.ckpt_path is not None:
+            for p in remove_stale_temporaries(self.ckpt_path):
+                self.log(f"removed {p}, the temporary file of a save that was killed")
         self.args = cfg.model_args()
+        n = param_counts(self.args)
+        check_fits_in_memory(
+            training_bytes(self.args, cfg.batch_size, cfg.seq_len),
+            f"Trainer: preset {cfg.preset!r}" + (f" with {cfg.model}" if cfg.model else ""),
+            f"to train ({n['total'] + n['mtp']:,} parameters × 16 bytes: float32 weights, gradients and AdamW's two "
+            f"moments; plus the logits of a batch of {cfg.batch_size} × {cfg.seq_len} tokens)",
+            "choose a smaller --preset (TrainConfig.preset), a smaller batch, or a machine with more memory")
+        self.train_tokens, self.val_tokens, self.chars_per_token = load_splits(cfg.data, cfg.val_fraction)
+        _check_data_vocab(cfg.data, self.args)
+        self.tokenizer_path, self.tokenizer_json = _data_tokenizer(cfg.data)   # saved with every checkpoint
+        torch.manual_seed(cfg.seed)
         self.model = _build_model(self.args).train()
         self.optimizer, self.param_names = make_optimizer(self.model, cfg)
         self.recorder = RouterRecorder(self.model)
-        self.train_tokens, self.val_tokens, self.chars_per_token = load_splits(cfg.data, cfg.val_fraction)
-        self.tokenizer_path, self.tokenizer_json = _data_tokenizer(cfg.data)   # saved with every checkpoint
         self.gen = torch.Generator().manual_seed(cfg.seed)                  # batch order
         self.step, self.tokens_seen, self.interrupted, self._last_saved = 0, 0, False, None
         self.history: dict[str, list] = {"step": [], "loss": [], "main": [], "mtp": [], "balance": [], "lr": [],
@@ -401,9 +566,8 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         """Restore model, optimizer, RNG states, step and history from a checkpoint of the same configuration."""
-        tensors, meta = read_checkpoint(path)
-        if self.tokenizer_json is None:                      # the data's tokenizer file is gone: keep the stored copy
-            self.tokenizer_json = _metadata(Path(path)).get("tokenizer.json")
+        path = Path(path)
+        meta = checkpoint_metadata(path, *_META_FIELDS)
         saved, now = meta["config"], dataclasses.asdict(self.cfg)
         diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
                 if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
@@ -413,23 +577,34 @@ class Trainer:
             raise ValueError(f"resume: {path} was written by another configuration ({'; '.join(diff)}). Resume "
                              f"with the checkpoint's settings, or start a new run in another --out folder (only "
                              f"{', '.join(RESUME_MAY_CHANGE)} may change)")
-        self.model.load_state_dict(_model_state(tensors))
-        state = self.optimizer.state_dict()
-        names = meta["optimizer"]["param_names"]
-        if names != self.param_names:
+        if meta["optimizer"].get("param_names") != self.param_names:
             raise ValueError(f"resume: {path} holds optimizer state for other parameters")
-        state["state"] = {}
-        for i, name in enumerate(names):
-            s = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()
-                 if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
-            if s:
-                state["state"][i] = s
-        for g, saved_g in zip(state["param_groups"], meta["optimizer"]["param_groups"], strict=True):
-            g.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_g.items()})
-        self.optimizer.load_state_dict(state)
-        self.gen.set_state(tensors["rng.batches"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.step, self.tokens_seen, self.history = meta["step"], meta["tokens_seen"], meta["history"]
+        history = meta["history"]
+        if sorted(history) != sorted(self.history) or not all(isinstance(v, list) for v in history.values()):
+            raise ValueError(f"resume: {path}: metadata history has the keys {sorted(history)}, expected lists "
+                             f"under {sorted(self.history)}")
+        tensors = _tensors(path)
+        if self.tokenizer_json is None:                      # the data's tokenizer file is gone: keep the stored copy
+            self.tokenizer_json = _metadata(path).get("tokenizer.json")
+        try:
+            self.model.load_state_dict(_model_state(tensors))
+            state = self.optimizer.state_dict()
+            state["state"] = {}
+            for i, name in enumerate(self.param_names):
+                s = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()
+                     if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
+                if s:
+                    state["state"][i] = s
+            for g, saved_g in zip(state["param_groups"], meta["optimizer"]["param_groups"], strict=True):
+                g.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_g.items()})
+            self.optimizer.load_state_dict(state)
+            self.gen.set_state(tensors["rng.batches"])
+            torch.set_rng_state(tensors["rng.torch"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise ValueError(f"resume: {path} does not fit this model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}): the file was damaged or edited; restore a copy, or "
+                             "start a new run") from None
+        self.step, self.tokens_seen, self.history = meta["step"], meta["tokens_seen"], history
         self._last_saved = self.step
 
     # ---- the loop
@@ -445,6 +620,11 @@ class Trainer:
         cfg = self.cfg
         if fit_schedule and minutes is None:
             raise ValueError("Trainer.train: fit_schedule=True is not allowed without minutes")
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                    or not math.isfinite(minutes) or minutes < 0):
+            raise ValueError(f"Trainer.train: minutes={minutes!r} is not allowed: a finite number >= 0, or None")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"Trainer.train: steps={steps!r} is not allowed: an int >= 0, or None")
         end = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
         step0 = self.step
         deadline = None if minutes is None else time.monotonic() + 60 * minutes

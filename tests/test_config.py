@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -202,3 +203,146 @@ def test_embedding_and_head():
     assert head(h).shape == (3, 5, a.vocab_size) and head(h, last_only=True).shape == (3, a.vocab_size)
     assert torch.allclose(head(h)[:, -1], head(h, last_only=True), atol=1e-6)
     # bad token ids are refused by the model, once per step: test_model.py::test_token_ids_checked_at_the_boundary
+
+
+# ---- every field has its declared type and every float is finite
+FLOAT_FIELDS = ["route_scale", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale", "rms_norm_eps",
+                "init_std"]
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_float_fields_must_be_finite(field, value):
+    with pytest.raises(ValueError, match=rf"ModelArgs\.{field}={value!r} is not allowed: it must be a finite number"):
+        ModelArgs.preset("tiny", **{field: value})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(gate_bias="no"), "ModelArgs.gate_bias='no' is not allowed: it must be a bool (True or False)"),
+        (dict(gate_bias=1), "ModelArgs.gate_bias=1 is not allowed: it must be a bool"),
+        (dict(n_layers=4.0), "ModelArgs.n_layers=4.0 is not allowed: it must be an int (not a bool or a float)"),
+        (dict(n_dense_layers=True), "ModelArgs.n_dense_layers=True is not allowed: it must be an int"),
+        (dict(rope_theta="10000"), "ModelArgs.rope_theta='10000' is not allowed: it must be a finite number (an int "
+                                   "or a float, not a bool)"),
+        (dict(route_scale=True), "ModelArgs.route_scale=True is not allowed: it must be a finite number"),
+        (dict(mscale=None), "ModelArgs.mscale=None is not allowed: it must be a finite number"),
+        (dict(rope_factor=10 ** 400), "ModelArgs.rope_factor=1000.* is not allowed: it must be a finite number"),
+        (dict(score_func=1), "ModelArgs.score_func=1 is not allowed: choose one of"),
+        (dict(scale_fmt=True), "ModelArgs.scale_fmt=True is not allowed: choose one of"),
+        (dict(rope_theta=1.0), "ModelArgs.rope_theta=1.0 is not allowed: it must be > 1"),
+    ],
+)
+def test_fields_must_have_their_declared_type(change, message):
+    with pytest.raises(ValueError, match=re.escape(message).replace(r"\.\*", ".*")):
+        ModelArgs.preset("tiny", **change)
+
+
+def test_int_and_float_values_stay_accepted():
+    """Float fields take ints (the published config.json writes `"rope_theta": 10000`); int fields take only ints."""
+    a = ModelArgs.preset("tiny", rope_theta=10000, route_scale=2, mscale=0, beta_fast=32.5, rope_factor=4)
+    assert a.rope_theta == 10000 and a.beta_fast == 32.5 and a.mscale == 0
+
+
+def test_unknown_field_names_are_named():
+    with pytest.raises(ValueError, match="ModelArgs.preset: hidden_size=5 is not allowed: ModelArgs has no such field"):
+        ModelArgs.preset("tiny", hidden_size=5)
+    with pytest.raises(ValueError, match="ModelArgs.replace: n_experts=5 is not allowed"):
+        ModelArgs.preset("tiny").replace(n_experts=5)
+    with pytest.raises(ValueError, match="from_hf_config: heads=5 is not allowed"):
+        ModelArgs.from_hf_config(ModelArgs.preset("tiny").to_hf_config(), heads=5)
+
+
+# ---- from_hf_config: required keys, the model type, malformed blocks, wrong types
+def test_hf_missing_keys_are_all_named():
+    d = ModelArgs.preset("tiny").to_hf_config()
+    for key in ("hidden_size", "num_hidden_layers", "kv_lora_rank"):
+        d.pop(key)
+    d["routed_scaling_factor"] = None                                  # a null counts as missing
+    with pytest.raises(ValueError) as e:
+        ModelArgs.from_hf_config(d)
+    msg = str(e.value)
+    assert msg.startswith("from_hf_config: a config without hidden_size (ModelArgs.dim), num_hidden_layers "
+                          "(ModelArgs.n_layers), routed_scaling_factor (ModelArgs.route_scale), kv_lora_rank "
+                          "(ModelArgs.kv_lora_rank) is not allowed")
+    yarn = ModelArgs.preset("tiny").to_hf_config()
+    del yarn["rope_parameters"]["original_max_position_embeddings"], yarn["rope_parameters"]["rope_theta"]
+    with pytest.raises(ValueError, match=r"rope_parameters\.rope_theta or rope_theta \(ModelArgs\.rope_theta\), "
+                                         r"rope_parameters\.original_max_position_embeddings"):
+        ModelArgs.from_hf_config(yarn)
+
+
+def test_hf_nullable_keys_keep_their_meaning():
+    """q_lora_rank null is the V2-Lite file's 'no query compression'; n_group / topk_group null mean one group."""
+    d = ModelArgs.preset("16B").to_hf_config()
+    assert d["q_lora_rank"] is None
+    d.update(n_group=None, topk_group=None)
+    a = ModelArgs.from_hf_config(d, max_seq_len=16384)
+    assert a.q_lora_rank == 0 and a.n_expert_groups == 1 and a.n_limited_groups == 1
+
+
+def test_hf_model_type_must_be_deepseek_v3():
+    d = ModelArgs.preset("16B").to_hf_config()
+    llama = {**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    with pytest.raises(ValueError, match="from_hf_config: model_type='llama' is not allowed: only 'deepseek_v3' "
+                                         r"\(DeepseekV3ForCausalLM\) configs.*allow_other_model_type=True"):
+        ModelArgs.from_hf_config(llama)
+    no_type = {k: v for k, v in d.items() if k != "model_type"}
+    with pytest.raises(ValueError, match="model_type=None is not allowed"):
+        ModelArgs.from_hf_config(no_type)
+    # a DeepSeek-V2 file (softmax routing, no bias) is read when asked for
+    v2 = {**d, "model_type": "deepseek_v2", "scoring_func": "softmax", "topk_method": "greedy"}
+    v2.pop("norm_topk_prob")
+    a = ModelArgs.from_hf_config(v2, allow_other_model_type=True, max_seq_len=16384)
+    assert a == ModelArgs.preset("16B")
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("value", [[["type", "yarn"], ["factor", 40]], "yarn", 40])
+def test_hf_malformed_rope_block_is_named(key, value):
+    d = ModelArgs.preset("tiny").to_hf_config()
+    d.pop("rope_parameters")
+    d[key] = value
+    with pytest.raises(ValueError, match=rf"from_hf_config: {key}=.* is not allowed: it must be a dict"):
+        ModelArgs.from_hf_config(d)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(hidden_size="256"), "from_hf_config: hidden_size: ModelArgs.dim='256' is not allowed: it must be an int"),
+        (dict(hidden_size=0), "from_hf_config: hidden_size: ModelArgs.dim=0 is not allowed: it must be a positive int"),
+        (dict(routed_scaling_factor="2.5"), "routed_scaling_factor: ModelArgs.route_scale='2.5' is not allowed"),
+        (dict(max_position_embeddings=512.0), "max_position_embeddings: ModelArgs.max_seq_len=512.0 is not allowed"),
+        (dict(rms_norm_eps=float("nan")), "rms_norm_eps: ModelArgs.rms_norm_eps=nan is not allowed"),
+        (dict(num_nextn_predict_layers="1"), "num_nextn_predict_layers: ModelArgs.n_mtp_layers='1' is not allowed"),
+        (dict(topk_method=True), "topk_method=True is not allowed: choose one of"),
+        (dict(norm_topk_prob="yes"), "norm_topk_prob='yes' is not allowed: it must be a bool"),
+        (dict(quantization_config="fp8"), "quantization_config='fp8' is not allowed: it must be a dict"),
+        (dict(rope_theta="10000"),
+         "rope_parameters.rope_theta: ModelArgs.rope_theta='10000' is not allowed: it must be a finite number"),
+        (dict(factor="4"), "rope_parameters.factor: ModelArgs.rope_factor='4' is not allowed: it must be a finite number"),
+        (dict(original_max_position_embeddings=128.5),
+         "rope_parameters.original_max_position_embeddings: ModelArgs.original_seq_len=128.5 is not allowed"),
+        (dict(mscale="1"), "rope_parameters.mscale: ModelArgs.mscale='1' is not allowed"),
+        (dict(beta_fast=[32]), "rope_parameters.beta_fast: ModelArgs.beta_fast=[32] is not allowed"),
+    ],
+)
+def test_hf_wrong_types_name_the_key_and_the_field(change, message):
+    d = ModelArgs.preset("tiny").to_hf_config()
+    rope = {k: v for k, v in change.items() if k in d["rope_parameters"]}   # keys of the RoPE block
+    d = {**d, **{k: v for k, v in change.items() if k not in rope}, "rope_parameters": {**d["rope_parameters"], **rope}}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelArgs.from_hf_config(d)
+
+
+def test_hf_config_file_errors_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 7168,')                   # cut short
+    with pytest.raises(ValueError, match=f"from_hf_config: {tmp_path / 'config.json'} is not valid JSON"):
+        ModelArgs.from_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a list, which is not allowed: it must hold one JSON object"):
+        ModelArgs.from_hf_config(tmp_path)
+    with pytest.raises(ValueError, match="from_hf_config: config='5' is not allowed: give a config.json"):
+        ModelArgs.from_hf_config(5)

@@ -121,6 +121,13 @@ GOOD = {"format": "dsv3_lite.tokens", "version": 1, "dtype": "uint16", "count": 
     ({"inputs": None}, [1, 2, 3], "header inputs = None is not allowed: a list"),
     ({}, [1, 2], "has 4,100 bytes, but its header promises 3 uint16 ids \\(4,102 bytes with the header\\): the file "
                  "was truncated"),
+    ({"inputs": [7]}, [1, 2, 3], r"header inputs\[0\] = 7 is not allowed: a dict"),
+    ({"inputs": [{"chars": -1}]}, [1, 2, 3], r"header inputs\[0\].chars = -1 is not allowed: an int >= 0"),
+    ({"inputs": [{"tokens": "3"}]}, [1, 2, 3], r"header inputs\[0\].tokens = '3' is not allowed: an int >= 0"),
+    ({"tokenizer": 5}, [1, 2, 3], r"header tokenizer = 5 is not allowed: a path \(str\) or null"),
+    ({"tokenizer_sha256": []}, [1, 2, 3], r"header tokenizer_sha256 = \[\] is not allowed: a str or null"),
+    ({"vocab_size": 0}, [1, 2, 3], r"header vocab_size = 0 is not allowed: an int >= 1"),
+    ({"vocab_size": 70_000}, [1, 2, 3], r"header vocab_size = 70000 is not allowed: a uint16 file holds ids < 65,536"),
 ])
 def test_header_errors_name_the_file_and_the_field(tmp_path, edit, ids, message):
     path = _token_file(tmp_path / "t.bin", {**GOOD, **edit}, ids)
@@ -137,6 +144,15 @@ def test_header_not_json(tmp_path):
         with pytest.raises(ValueError, match=f"TokenFile: .*{name} is not a dsv3_lite token file \\(no "
                                               "'dsv3_lite.tokens' JSON header in its first 4096 bytes\\)"):
             TokenFile(tmp_path / name)
+
+
+def test_truncated_inside_the_header_says_so(tmp_path):
+    path = _token_file(tmp_path / "t.bin", GOOD, [1, 2, 3])
+    with open(path, "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(ValueError, match=f"TokenFile: {path} is not a dsv3_lite token file .*: it has only 50 bytes, "
+                                         "less than the header, so it was truncated"):
+        TokenFile(path)
 
 
 def test_header_checked_under_python_O(tmp_path):

@@ -459,3 +459,144 @@ def _bad_inputs():
     _bad(lambda: KF.fp8_linear(torch.randn(4, 256).t(), b, b_s), "contiguous")
     _bad(lambda: F.FP8Linear(200, 64), "in_features", "200")
     _bad(lambda: F.FP8Linear.from_fp8(b, b_s.double()), "b_s.dtype")
+
+
+# NaN and inf. The references define what happens (torch.amax propagates NaN): a tile or block holding a NaN gets a
+# NaN scale and quantises to NaN everywhere; one holding ±inf (and no NaN) gets an infinite scale, NaN at the ±inf
+# and ±0 elsewhere (x · (1/inf)). The kernels must do the same, on a GPU and in the interpreter alike.
+NAN, INF = float("nan"), float("inf")
+
+
+def same_fp8(a, b):
+    """Same bits, NaN where the other is NaN (e4m3fn has one NaN code, 0x7F, with either sign)."""
+    nan = a.float().isnan()
+    return (a.shape == b.shape and torch.equal(nan, b.float().isnan())
+            and torch.equal(a.view(torch.uint8)[~nan], b.view(torch.uint8)[~nan]))
+
+
+def same_values(a, b):
+    """Equal, NaN where the other is NaN, inf where the other is the same inf."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and \
+        torch.equal(a[~a.isnan()], b[~b.isnan()])
+
+
+@kernels
+@pytest.mark.parametrize("fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_quant_propagates_nan_and_inf_like_the_reference(fmt, dtype):
+    x = torch.randn(3, 384) * 4                              # three 1×128 tiles per row
+    x[0, 5] = NAN                                            # tile (0, 0): NaN
+    x[1, 200], x[1, 201] = INF, -3.0                         # tile (1, 1): +inf
+    x[2, 300] = -INF                                         # tile (2, 2): -inf
+    x[2, 10], x[2, 20] = INF, NAN                            # tile (2, 0): inf and NaN: NaN wins
+    x = x.to(dtype).to(DEV)
+    y, s = KF.act_quant(x, scale_fmt=fmt)
+    y_ref, s_ref = F.act_quant_ref(x, scale_fmt=fmt)
+    assert same_fp8(y, y_ref) and same_values(s, s_ref)
+    # what the reference does, tile by tile
+    nan_tile, inf_tile = s.isnan().cpu(), s.isinf().cpu()
+    assert nan_tile.tolist() == [[True, False, False], [False, False, False], [True, False, False]]
+    assert inf_tile.tolist() == [[False, False, False], [False, True, False], [False, False, True]]
+    yf = y.float().cpu().view(3, 3, 128)
+    assert yf[0, 0].isnan().all() and yf[2, 0].isnan().all()                       # a NaN spoils its tile
+    assert yf[1, 1].isnan().nonzero().flatten().tolist() == [200 - 128]          # inf · (1/inf) = NaN ...
+    assert yf[1, 1, 201 - 128].item() == 0.0 and torch.signbit(yf[1, 1, 201 - 128])   # ... and -3 · 0 = -0.0
+    assert yf[2, 2].isnan().nonzero().flatten().tolist() == [300 - 256]
+    finite = ~(nan_tile | inf_tile)
+    assert torch.isfinite(s.cpu()[finite]).all() and torch.isfinite(yf[finite]).all()   # the other tiles untouched
+
+
+@kernels
+def test_weight_quant_propagates_nan_and_inf_like_the_reference():
+    w = torch.randn(200, 384) * 0.05                         # 2 × 3 blocks, the second block row partial (72 rows)
+    w[3, 130] = NAN                                          # block (0, 1)
+    w[150, 300] = -INF                                       # block (1, 2): the partial edge block
+    w[199, 0], w[198, 1] = INF, NAN                          # block (1, 0): NaN wins
+    w = w.to(DEV)
+    q, s = KF.weight_quant(w)
+    q_ref, s_ref = F.weight_quant_ref(w)
+    assert same_fp8(q, q_ref) and same_values(s, s_ref)
+    assert s.isnan().cpu().tolist() == [[False, True, False], [True, False, False]]
+    assert s.isinf().cpu().tolist() == [[False, False, False], [False, False, True]]
+    qf = q.float().cpu()
+    assert qf[:128, 128:256].isnan().all() and qf[128:, :128].isnan().all()
+    assert qf[128:, 256:].isnan().nonzero().tolist() == [[150 - 128, 300 - 256]]
+    assert torch.isfinite(qf[:128, :128]).all() and torch.isfinite(qf[128:, 128:256]).all()
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_dequant_propagates_nan_and_inf_like_the_reference(dtype):
+    q, s = KF.weight_quant(torch.randn(200, 384, device=DEV) * 0.05)
+    q.view(torch.uint8)[5, 7] = 0x7F                         # e4m3fn NaN codes, in two blocks
+    q.view(torch.uint8)[170, 260] = 0xFF
+    s[0, 1], s[1, 1] = NAN, INF                              # a NaN and an infinite block scale
+    q[130, 129] = 0.0                                        # 0 · inf = NaN
+    got, ref = KF.weight_dequant(q, s, dtype=dtype), F.weight_dequant_ref(q, s, dtype=dtype)
+    if dtype == torch.float32:
+        assert same_values(got, ref)
+    else:   # the interpreter rounds float32 -> bfloat16 toward zero: the same NaN and inf, finite values within an ulp
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+        assert torch.allclose(got.nan_to_num(), ref.nan_to_num(), rtol=2 ** -7, atol=0)
+    nan = got.isnan().cpu()
+    assert nan[5, 7] and nan[170, 260] and nan[:128, 128:256].all() and nan[130, 129]
+    assert nan.sum().item() == 3 + 128 * 128                 # nowhere else
+    assert got[128:, 128:256].isinf().sum().item() == 72 * 128 - 1
+
+
+@kernels
+@pytest.mark.parametrize("cfg", [None, dict(BLOCK_M=32, BLOCK_N=256), dict(BLOCK_M=64, BLOCK_N=64, SPLIT_K=3),
+                                 dict(kernel="tma", BLOCK_M=64, BLOCK_N=128, programs=2), "fused"])
+def test_fp8_gemm_puts_nan_where_the_reference_does(cfg):
+    """A NaN or inf activation spoils its output row, a NaN weight its output column, in every kernel configuration."""
+    if isinstance(cfg, dict) and cfg.get("kernel") == "tma" and triton_mode() != "interpreter" \
+            and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need sm_90 or the interpreter")
+    x = torch.randn(5, 384)
+    x[1, 300], x[3, 7] = NAN, -INF
+    x = x.to(DEV)
+    b, b_s = KF.weight_quant(torch.randn(200, 384, device=DEV))
+    b.view(torch.uint8)[150, 10] = 0x7F                      # one NaN weight: output column 150
+    a, a_s = F.act_quant_ref(x)                             # (act_quant's NaNs: tested above)
+    ref = F.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
+    if cfg == "fused":
+        got = KF.fp8_linear(x, b, b_s, fused=True)
+    else:
+        got = KF.fp8_gemm(a, a_s, b, b_s, torch.float32, config=cfg)
+    expected = torch.zeros(5, 200, dtype=torch.bool)
+    expected[[1, 3]], expected[:, 150] = True, True
+    assert torch.equal(ref.isnan().cpu(), expected) and torch.equal(got.isnan().cpu(), expected)
+    assert rel(got[~expected.to(DEV)], ref[~expected.to(DEV)].double()) < TOL32
+
+
+@kernels
+def test_weight_dequant_returns_only_floating_dtypes():
+    """A dequantised weight is floating point: an integer or FP8 `dtype` is refused by the kernel and the reference."""
+    b, b_s = KF.weight_quant(torch.randn(200, 384, device=DEV))
+    for fn in (KF.weight_dequant, F.weight_dequant_ref):
+        for dtype in (torch.int8, torch.int64, torch.bool, torch.float8_e4m3fn, "bf16"):
+            _bad(lambda fn=fn, dtype=dtype: fn(b, b_s, dtype=dtype), fn.__name__, f"dtype = {dtype}", "torch.bfloat16")
+        assert fn(b, b_s, dtype=torch.float16).dtype == torch.float16
+
+
+def test_fp8_layers_refuse_bad_activations():
+    """FP8Linear and FP8Experts check what they are given (dtype and shape only: no host sync), instead of
+    returning truncated integers or failing with "mat1 and mat2 shapes cannot be multiplied"."""
+    layer = F.FP8Linear.from_linear(torch.nn.Linear(256, 130))
+    _bad(lambda: layer(torch.ones(3, 256, dtype=torch.int64)), "FP8Linear", "x.dtype = torch.int64", "torch.float32")
+    _bad(lambda: layer(torch.ones(3, 256, dtype=torch.bool)), "x.dtype = torch.bool")
+    _bad(lambda: layer(torch.ones(3, 256).to(torch.float8_e4m3fn)), "x.dtype = torch.float8_e4m3fn")
+    _bad(lambda: layer(torch.ones(3, 384)), "FP8Linear", "x.shape[-1] = 384", "in_features = 256")
+    _bad(lambda: layer(torch.ones(3, 200)), "x.shape[-1] = 200", "in_features = 256")
+    _bad(lambda: layer(torch.tensor(1.0)), "x.dim() = 0")
+    _bad(lambda: layer([1.0] * 256), "type(x) = list")
+    assert layer(torch.ones(2, 5, 256, dtype=torch.float64)).dtype == torch.float64    # still accepted
+    q8 = F.FP8Experts.from_experts(Experts(4, 128, 256, init_std=0.05))
+    x, w, i = torch.randn(6, 128), torch.rand(6, 2), torch.rand(6, 4).topk(2, dim=-1).indices
+    for impl in ("sorted", "loop"):
+        _bad(lambda impl=impl: q8(x.long(), w, i, impl=impl), "FP8Experts", "x.dtype = torch.int64", "torch.float32")
+        _bad(lambda impl=impl: q8(torch.randn(6, 256), w, i, impl=impl), "FP8Experts", "x.shape", "(6, 256)",
+             "dim = 128")
+        _bad(lambda impl=impl: q8(x[None], w, i, impl=impl), "FP8Experts", "x.shape", "(1, 6, 128)")
+        _bad(lambda impl=impl: q8(x, w[:5], i, impl=impl), "FP8Experts", "weights.shape", "(5, 2)", "(6, 2)")
+        _bad(lambda impl=impl: q8(x, w, i.float(), impl=impl), "FP8Experts", "indices.dtype", "torch.float32")

@@ -10,7 +10,7 @@ import torch
 
 import dsv3_lite.kernels.fp8 as KF
 from dsv3_lite import ModelArgs, Transformer, generate
-from dsv3_lite.fp8 import FP8Experts, FP8Linear, weight_dequant_ref
+from dsv3_lite.fp8 import FP8Experts, FP8Linear, act_quant_ref, fp8_gemm_ref, weight_dequant_ref, weight_quant_ref
 from dsv3_lite.kernels import triton_mode
 from dsv3_lite.moe import Experts
 
@@ -125,3 +125,83 @@ def test_gluon_is_a_candidate_for_large_m_only():
     print("autotuned:", chosen)
     assert chosen in KF.gemm_candidates(4096, 7168, 2048)
     assert rel(got, _ref(a, a_s, b, b_s)) < 5e-4
+
+
+# NaN and inf on the GPU: the compiled kernels against the references run on the same CUDA tensors. A tile or block
+# with a NaN has a NaN scale and quantises to NaN; one with ±inf an infinite scale, NaN at the ±inf and ±0 elsewhere.
+NAN, INF = float("nan"), float("inf")
+
+
+def same_fp8(a, b):
+    """Same bits, NaN where the other is NaN (e4m3fn has one NaN code, 0x7F, with either sign)."""
+    nan = a.float().isnan()
+    return (a.shape == b.shape and torch.equal(nan, b.float().isnan())
+            and torch.equal(a.view(torch.uint8)[~nan], b.view(torch.uint8)[~nan]))
+
+
+def same_values(a, b):
+    return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+
+
+def _spoil(t, n, g):
+    """Put NaN, +inf and -inf at n random places each of t (in place); returns t."""
+    flat = t.view(-1)
+    for v in (NAN, INF, -INF):
+        flat[torch.randint(0, flat.numel(), (n,), generator=g)] = v
+    return t
+
+
+@pytest.mark.parametrize("fmt", [None, "ue8m0"])
+def test_compiled_quantisers_propagate_nan_and_inf_like_the_reference(fmt):
+    g = torch.Generator().manual_seed(0)
+    x = _spoil(torch.randn(333, 7168, generator=g) * 4, 40, g).bfloat16().cuda()
+    y, s = KF.act_quant(x, scale_fmt=fmt)
+    y_ref, s_ref = act_quant_ref(x, scale_fmt=fmt)
+    assert s.isnan().any() and s.isinf().any() and same_fp8(y, y_ref) and same_values(s, s_ref)
+    w = _spoil(torch.randn(576, 7168, generator=g) * 0.02, 3, g).cuda()
+    q, qs = KF.weight_quant(w)
+    q_ref, qs_ref = weight_quant_ref(w)
+    assert qs.isnan().any() and same_fp8(q, q_ref) and same_values(qs, qs_ref)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert same_values(KF.weight_dequant(q, qs, dtype=dtype), weight_dequant_ref(q, qs, dtype=dtype))
+
+
+def _nan_gemm_inputs(M, N, K):
+    """Activations with a NaN in row 1 and -inf in row 3 (quantised by the reference); a NaN weight in row N - 7."""
+    x = torch.randn(M, K, device="cuda")
+    x[1, K - 5], x[3, 7] = NAN, -INF
+    b, b_s = KF.weight_quant(torch.randn(N, K, device="cuda"))
+    b.view(torch.uint8)[N - 7, 10] = 0x7F
+    expected = torch.zeros(M, N, dtype=torch.bool, device="cuda")
+    expected[[1, 3]], expected[:, N - 7] = True, True
+    return x, (*act_quant_ref(x), b, b_s), expected
+
+
+@pytest.mark.parametrize("M,N,K", [(5, 200, 384), (300, 576, 384)])
+def test_compiled_gemm_puts_nan_where_the_reference_does(M, N, K):
+    x, (a, a_s, b, b_s), expected = _nan_gemm_inputs(M, N, K)
+    ref = fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
+    assert torch.equal(ref.isnan(), expected)
+    for cfg in KF.gemm_candidates(M, N, K):                 # every kernel the autotuner may pick for this shape
+        assert torch.equal(KF.fp8_gemm(a, a_s, b, b_s, torch.float32, config=cfg).isnan(), expected), cfg
+    assert torch.equal(KF.fp8_linear(x, b, b_s, fused=True).isnan(), expected)
+
+
+@gluon
+def test_gluon_gemm_puts_nan_where_the_reference_does():
+    x, (a, a_s, b, b_s), expected = _nan_gemm_inputs(1000, 576, 512)
+    assert torch.equal(KF.fp8_gemm(a, a_s, b, b_s, torch.float32, config=GLUON).isnan(), expected)
+
+
+def test_fp8_layers_compiled_keep_nan_like_the_reference_path():
+    torch.manual_seed(0)
+    layer = FP8Linear.from_linear(torch.nn.Linear(512, 576))
+    f8 = FP8Experts.from_experts(Experts(8, 256, 128, init_std=0.05))
+    x, xe = torch.randn(4, 512), torch.randn(37, 256)
+    x[2, 100], xe[5, 3] = NAN, INF
+    w, idx = torch.rand(37, 2), torch.stack([torch.randperm(8)[:2] for _ in range(37)])
+    with torch.no_grad():
+        ref, ref_e = layer(x), f8(xe, w, idx)                                  # CPU: the reference path
+        got, got_e = layer.cuda()(x.cuda()).cpu(), f8.cuda()(xe.cuda(), w.cuda(), idx.cuda()).cpu()
+    assert ref.isnan().all(-1).tolist() == [False, False, True, False] and torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(ref_e.isnan().any(-1), torch.arange(37) == 5) and torch.equal(got_e.isnan(), ref_e.isnan())

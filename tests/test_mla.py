@@ -225,3 +225,13 @@ def test_tensor_start_pos_equals_int(q_lora):
     for got, want in zip(outs["tensor"], outs["int"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert outs["tensor"][1][:, 11:].abs().sum() == 0  # rows after the last step untouched
+
+
+def test_cache_sizes_must_be_ints():
+    m = MLA(TINY.replace(max_seq_len=16, max_batch_size=2))
+    for kw, message in ((dict(batch_size=1.5), "MLA.setup_cache: batch_size=1.5 is not allowed: it must be an int"),
+                        (dict(seq_len=True), "MLA.setup_cache: seq_len=True is not allowed: it must be an int"),
+                        (dict(seq_len="8"), "MLA.setup_cache: seq_len='8' is not allowed: it must be an int")):
+        with pytest.raises(ValueError, match=message):
+            m.setup_cache(**kw)
+    assert m.cache_shape is None

@@ -2,6 +2,9 @@
 KV-cache decoding, generation, published sizes, FP8 and sharded checkpoints, bad input."""
 
 import json
+import math
+import re
+import struct
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch
 from dsv3_lite import ModelArgs, Transformer, load_hf_checkpoint
 from dsv3_lite.config import param_counts
 from dsv3_lite.fp8 import weight_quant_ref
-from dsv3_lite.generation import generate, sample
+from dsv3_lite.generation import generate, sample, top_p_probs
 from dsv3_lite.model import checkpoint_files, dequantize_fp8
 from dsv3_lite.moe import MoE
 
@@ -423,3 +426,159 @@ def test_fp8_model_from_args_builds_and_runs():
         big = Transformer(ModelArgs.preset("671B"))
     assert big.layers[3].ffn.experts.w1.dtype == torch.float8_e4m3fn
     assert tuple(big.layers[3].ffn.experts.w1_scale.shape) == (256, 16, 56)
+
+
+# ---- token ids, cache positions, sampling parameters, checkpoint files: every bad input named where it enters
+def test_empty_or_untyped_tokens_are_refused_at_the_boundary():
+    m = Transformer(SMALL).eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"Transformer: tokens.shape = \(1, 0\) is not allowed: a step needs B >= 1 "
+                                             r"sequences of S >= 1 tokens"):
+            m(torch.zeros(1, 0, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"tokens.shape = \(0, 3\) is not allowed"):
+            m.hidden(torch.zeros(0, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match="Transformer: tokens of type list is not allowed: token ids must be a "
+                                             "tensor"):
+            m([[1, 2]])
+
+
+def test_generate_refuses_token_ids_that_are_not_ints():
+    m = Transformer(SMALL).eval()
+    with pytest.raises(ValueError, match=r"generate: token id 2.7 in prompt 0 is not allowed: token ids must be ints "
+                                         r"\(not floats or bools\)"):
+        generate(m, [[1, 2.7]], 2)                                   # was truncated to 2
+    with pytest.raises(ValueError, match="generate: token id True in prompt 1 is not allowed"):
+        generate(m, [[1], [True, 2]], 2)
+    with pytest.raises(ValueError, match=r"generate: token id -1 in prompt 0 is not allowed: ids must lie in"):
+        generate(m, [[5, -1, 7]], 2)                                 # -1 inside a prompt is an id, not a marker
+    with pytest.raises(ValueError, match=r"generate: prompt 0 of dtype torch.float32 is not allowed: a tensor prompt "
+                                         r"holds integer token ids"):
+        generate(m, [torch.tensor([1.0, 2.0])], 2)
+    with pytest.raises(ValueError, match="generate: prompt 0 = 'hello' is not allowed: a prompt is a list of token ids"):
+        generate(m, ["hello"], 2)
+    with pytest.raises(ValueError, match="generate: prompts must be a non-empty list of non-empty token lists"):
+        generate(m, [[]], 2)
+    # integer tensors are prompts too: a [B, S] batch, or one 1-D tensor per prompt
+    want = generate(m, [[1, 2, 3], [4, 5, 6]], 3)
+    assert generate(m, torch.tensor([[1, 2, 3], [4, 5, 6]]), 3) == want
+    assert generate(m, [torch.tensor([1, 2, 3], dtype=torch.int32), (4, 5, 6)], 3) == want
+
+
+def test_cache_steps_must_continue_what_is_cached():
+    """A step on the KV cache starts at most where the cached positions end; starting earlier rewrites them."""
+    torch.manual_seed(0)
+    m = Transformer(SMALL).eval()
+    seq = torch.randint(0, SMALL.vocab_size, (1, 12))
+    with torch.no_grad():
+        m.setup_cache(1, 16)
+        with pytest.raises(ValueError, match="start_pos = 1 is not allowed: the KV cache holds 0 positions"):
+            m(seq[:, 1:2], 1)
+        m(seq[:, :4], 0)
+        with pytest.raises(ValueError, match=r"Transformer: start_pos = 10 is not allowed: the KV cache holds 4 "
+                                             r"positions \(0 … 3\), so a step starts at start_pos <= 4"):
+            m(seq[:, 10:11], 10)
+        ref = m(seq[:, 4:6], 4)                                      # continues: positions 4, 5
+        assert torch.equal(m(seq[:, 4:6], 4), ref) and m.n_cached == 6   # rewriting 4, 5 gives the same logits
+        m(seq[:, 2:3], 2)                                            # rewinds: positions 0 … 2 remain
+        with pytest.raises(ValueError, match="start_pos = 4 is not allowed: the KV cache holds 3 positions"):
+            m(seq[:, 4:5], 4)
+        m.setup_cache(1, 16)                                         # a fresh cache holds nothing
+        with pytest.raises(ValueError, match="start_pos = 3 is not allowed: the KV cache holds 0 positions"):
+            m(seq[:, :1], 3)
+        m.reset_cache()
+    assert m.n_cached == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(temperature=math.nan), "temperature = nan is not allowed: it must be a finite number >= 0 (0: greedy)"),
+        (dict(temperature=math.inf), "temperature = inf is not allowed"),
+        (dict(temperature=-0.5), "temperature = -0.5 is not allowed"),
+        (dict(temperature="0.7"), "temperature = '0.7' is not allowed"),
+        (dict(top_p=math.nan), "top_p = nan is not allowed: it must be a number in (0, 1]"),
+        (dict(top_p=1.5), "top_p = 1.5 is not allowed"),
+        (dict(top_p=None), "top_p = None is not allowed"),
+        (dict(max_new_tokens=2.5), "max_new_tokens = 2.5 is not allowed: it must be an int >= 1"),
+        (dict(max_new_tokens=True), "max_new_tokens = True is not allowed"),
+        (dict(eos_id=300), "eos_id = 300 is not allowed: give None or a token id, an int in [0, vocab_size=300)"),
+        (dict(eos_id=-1), "eos_id = -1 is not allowed"),
+        (dict(eos_id=2.0), "eos_id = 2.0 is not allowed"),
+        (dict(generator=0), "generator = 0 is not allowed: give None or a torch.Generator"),
+    ],
+)
+def test_generate_checks_its_sampling_parameters(change, message):
+    m = Transformer(SMALL).eval()
+    with pytest.raises(ValueError, match=re.escape("generate: " + message)):
+        generate(m, [[1, 2, 3]], **{"max_new_tokens": 3, **change})
+
+
+def test_sample_and_top_p_probs_check_their_parameters():
+    logits = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="sample: temperature = nan is not allowed"):
+        sample(logits, math.nan)
+    with pytest.raises(ValueError, match="sample: temperature = inf is not allowed"):
+        sample(logits, math.inf)
+    with pytest.raises(ValueError, match=r"top_p_probs: temperature = 0 is not allowed: it must be a finite number > 0"):
+        top_p_probs(logits, 0)
+    with pytest.raises(ValueError, match="top_p_probs: top_p = nan is not allowed"):
+        top_p_probs(logits, 1.0, math.nan)
+    assert torch.allclose(top_p_probs(logits, 1, 1).sum(-1), torch.ones(2))   # ints are numbers too
+
+
+def _raw_safetensors(path, tensors):
+    """A safetensors file written by hand: {name: (dtype string, shape, bytes)}, any dtype string."""
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+def test_checkpoint_errors_name_the_file_and_the_tensor(tmp_path, checkpoints):
+    _, single, _ = checkpoints["q_lora+groups+yarn"]
+    _, sharded, _ = checkpoints["no_q_lora+1group+2shared"]
+    cfg = (single / "config.json").read_text()
+    # config.json that is not JSON
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_text(cfg[:-20])
+    with pytest.raises(ValueError, match=re.escape(f"load_hf_checkpoint: {tmp_path / 'cut' / 'config.json'} is not "
+                                                   "valid JSON")):
+        load_hf_checkpoint(tmp_path / "cut")
+    # index: not JSON, no weight_map, a shard that is not there
+    index = tmp_path / "idx" / "model.safetensors.index.json"
+    index.parent.mkdir()
+    index.write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint_files: {index} is not valid JSON")):
+        checkpoint_files(index.parent)
+    index.write_text(json.dumps({"metadata": {"total_size": 0}}))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint_files: {index} has no 'weight_map'")):
+        checkpoint_files(index.parent)
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint_files: {index} names shards that are not in "
+                                                          f"{index.parent}: model-00002-of-00002.safetensors")):
+        checkpoint_files(index.parent)
+    # a truncated shard of a sharded checkpoint: the error names that shard
+    (tmp_path / "trunc").mkdir()
+    shards = sorted(sharded.glob("*.safetensors"))
+    for f in [sharded / "config.json", sharded / "model.safetensors.index.json", *shards]:
+        (tmp_path / "trunc" / f.name).write_bytes(f.read_bytes())
+    victim = tmp_path / "trunc" / shards[1].name
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=re.escape(f"load_hf_checkpoint: {victim} is not a valid safetensors file: "
+                                                   "Error while deserializing header")):
+        load_hf_checkpoint(tmp_path / "trunc")
+    # a shard whose header is valid but one tensor cannot be read: the error names the shard and the tensor
+    (tmp_path / "dtype").mkdir()
+    (tmp_path / "dtype" / "config.json").write_text(cfg)
+    _raw_safetensors(tmp_path / "dtype" / "model.safetensors", {"lm_head.weight": ("F6_E2M3", [4], b"\0" * 3)})
+    with pytest.raises(ValueError, match=re.escape(f"load_hf_checkpoint: tensor lm_head.weight in "
+                                                   f"{tmp_path / 'dtype' / 'model.safetensors'} cannot be read")):
+        load_hf_checkpoint(tmp_path / "dtype")
+    # without an index, every *.safetensors is opened to list its tensors
+    (tmp_path / "dtype" / "model.safetensors").write_bytes(b"\0" * 7)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint_files: {tmp_path / 'dtype' / 'model.safetensors'} "
+                                                   "is not a valid safetensors file")):
+        checkpoint_files(tmp_path / "dtype")

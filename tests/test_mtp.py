@@ -1,6 +1,8 @@
 """Multi-token prediction (dsv3_lite.mtp) and self-speculative decoding (dsv3_lite.speculative), notebook 09."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -187,3 +189,46 @@ def test_verify_draft_sampling_keeps_the_main_distribution():
     assert (counts / counts.sum() - torch.softmax(p_logits, -1)).abs().max() < 0.025
     assert verify_draft(p_logits, q_logits, 1) == (True, 1)
     assert verify_draft(p_logits, q_logits, 2) == (False, 1)
+
+
+@pytest.mark.parametrize(
+    "prompt, change, message",
+    [
+        ([5, 2.5], {}, "speculative_generate: token id 2.5 is not allowed: token ids must be ints (not floats or bools)"),
+        ([5, True], {}, "speculative_generate: token id True is not allowed"),
+        ([5, -1], {}, "speculative_generate: token id -1 is not allowed: ids must lie in [0, vocab_size=512)"),
+        ([5, 6], dict(temperature=math.nan), "speculative_generate: temperature = nan is not allowed"),
+        ([5, 6], dict(temperature=math.inf), "speculative_generate: temperature = inf is not allowed"),
+        ([5, 6], dict(top_p=math.nan), "speculative_generate: top_p = nan is not allowed"),
+        ([5, 6], dict(max_new_tokens=2.5), "speculative_generate: max_new_tokens = 2.5 is not allowed"),
+        ([5, 6], dict(eos_id=512), "speculative_generate: eos_id = 512 is not allowed"),
+    ],
+)
+def test_speculative_checks_its_arguments(prompt, change, message):
+    model = add_mtp(Transformer(SMALL)).eval()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        speculative_generate(model, prompt, **{"max_new_tokens": 3, **change})
+
+
+def test_speculative_takes_an_integer_tensor_prompt():
+    torch.manual_seed(0)
+    model = add_mtp(Transformer(SMALL)).eval()
+    assert speculative_generate(model, torch.tensor([5, 6, 7]), 4)[0] == speculative_generate(model, [5, 6, 7], 4)[0]
+
+
+def test_load_mtp_errors_name_the_file(tmp_path):
+    _, _, tensors = _hf_checkpoint(tmp_path)
+    save_file(tensors, tmp_path / "mtp.safetensors")
+    main = load_hf_checkpoint(tmp_path, dtype=torch.float32)
+    cfg = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(cfg[:10])
+    with pytest.raises(ValueError, match=re.escape(f"load_mtp: {tmp_path / 'config.json'} is not valid JSON")):
+        load_mtp(main, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps([1]))
+    with pytest.raises(ValueError, match=re.escape(f"load_mtp: {tmp_path / 'config.json'} holds a list")):
+        load_mtp(main, tmp_path)
+    (tmp_path / "config.json").write_text(cfg)
+    shard = tmp_path / "mtp.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=re.escape(f"{shard} is not a valid safetensors file")):
+        load_mtp(main, tmp_path)

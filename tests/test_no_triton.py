@@ -56,6 +56,28 @@ def test_fp8linear_without_triton_uses_the_pytorch_path():
     assert "refused: cannot launch Triton kernel _act_quant_kernel" in r.stdout, r.stdout
 
 
+def test_fp8_reference_path_checks_input_and_keeps_nan_without_triton():
+    """The FP8 layers' input checks and the references' NaN rule need no Triton either."""
+    r = _run("""
+        import torch
+        import dsv3_lite.fp8 as F
+        layer = F.FP8Linear.from_linear(torch.nn.Linear(256, 130))
+        x = torch.randn(3, 256)
+        x[1, 7] = float("nan")
+        y = layer(x)
+        print("NaN rows:", y.isnan().all(-1).tolist(), "finite elsewhere:", bool(y[[0, 2]].isfinite().all()))
+        for bad in (lambda: layer(torch.ones(3, 256, dtype=torch.int64)), lambda: layer(torch.ones(3, 384)),
+                    lambda: F.weight_dequant_ref(layer.weight, layer.scale, dtype=torch.int8)):
+            try:
+                bad()
+            except ValueError as e:
+                print("refused:", e)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "NaN rows: [False, True, False] finite elsewhere: True" in r.stdout, r.stdout
+    assert r.stdout.count("refused:") == 3 and "in_features = 256" in r.stdout and "dtype = torch.int8" in r.stdout
+
+
 def test_public_api_imports_without_triton():
     """Every module imports, except the Hopper-only Gluon kernel, which is imported only on an sm_90 GPU."""
     r = _run("""

@@ -353,3 +353,75 @@ def test_incremental_trainer_equals_naive():
     v1, v2 = {b: bytes([b]) for b in range(256)}, {b: bytes([b]) for b in range(256)}
     assert learn_merges(words, v1, 600) == _naive_merges(words, v2, 600)
     assert v1 == v2 and len(v1) == 600
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["added_tokens"].append({**d["added_tokens"][0], "id": 99999, "content": "<x>"}),
+     r"added_tokens\[3\].id = 99999 is not allowed: ids must be dense \(0..n-1\); the next free id is 2048"),
+    (lambda d: d["added_tokens"].append({**d["added_tokens"][0], "content": "<x>"}),
+     r"added_tokens\[3\].id = 0 is not allowed: it is also the id of added_tokens\[0\]"),
+    (lambda d: d["added_tokens"].append({**d["added_tokens"][0], "id": 5}),
+     r"added_tokens\[3\].content = '<｜begin▁of▁sentence｜>' is not allowed: it is also the content of added_tokens"),
+    (lambda d: d["added_tokens"][2].update(content="<y>"),
+     r"added_tokens\[2\]: id 2 is model.vocab's token '<｜▁pad▁｜>', not '<y>'"),
+    (lambda d: d["added_tokens"][0].update(id=True), r"field 'added_tokens\[0\].id' = True is not allowed: an int"),
+    (lambda d: d["added_tokens"][0].update(content=""), r"field 'added_tokens\[0\].content' = '' is not allowed: a "
+                                                        "non-empty string"),
+    (lambda d: d.update(added_tokens={"a": 1}), r"field 'added_tokens' = \{'a': 1\} is not allowed: a list"),
+    (lambda d: d["model"].update(vocab=["a", "b"]), r"field 'model.vocab' = \['a', 'b'\] is not allowed: an object"),
+    (lambda d: d["model"]["vocab"].update(a="7"), r"model.vocab\['a'\] = '7' is not allowed: an int"),
+    (lambda d: d["model"]["merges"].append(123), r"model.merges\[1789\] = 123 is not allowed: 'a b' or \[a, b\]"),
+    (lambda d: d["model"]["merges"].append("a b c"), r"model.merges\[1789\] = 'a b c' is not allowed"),
+    (lambda d: d["model"].update(merges="a b"), r"field 'model.merges' = 'a b' is not allowed: a list"),
+    (lambda d: d.update(normalizer="NFC"), r"normalizer 'NFC' is not supported \(only none\)"),
+    (lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex="(unclosed"),
+     r"pre_tokenizer.pretokenizers\[0\].pattern.Regex = '\(unclosed' does not compile"),
+    (lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=5),
+     r"field 'pre_tokenizer.pretokenizers\[0\].pattern.Regex' = 5 is not allowed: a non-empty string"),
+    (lambda d: d["pre_tokenizer"].update(pretokenizers=None), r"field 'pre_tokenizer.pretokenizers' = None is not "
+                                                              "allowed: a list"),
+])
+def test_tokenizer_file_errors_name_the_file_and_the_field(tmp_path, edit, message):
+    """Wrong types, duplicate or sparse ids: a ValueError that names the file and the field, never another error
+    (a sparse added id such as 99999 would otherwise break `prepare` much later)."""
+    d = _spec()
+    edit(d)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as e:
+        BPETokenizer.from_file(path)
+    assert str(e.value).startswith(f"tokenizer file {path}: ")
+
+
+def test_tokenizer_file_not_json_or_missing(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": ', encoding="utf-8")
+    with pytest.raises(ValueError, match=f"tokenizer file {path} is not valid JSON: Expecting value: line 1 column 11"):
+        BPETokenizer.from_file(path)
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=f"tokenizer file {path} is not UTF-8 text"):
+        BPETokenizer.from_file(path)
+    with pytest.raises(FileNotFoundError, match=f"tokenizer file {tmp_path / 'nope.json'} not found"):
+        BPETokenizer.from_file(tmp_path / "nope.json")
+    with pytest.raises(TypeError, match="from_str: text must be a str, got bytes"):
+        BPETokenizer.from_str(b"{}")
+
+
+def test_constructor_needs_dense_ids():
+    base = shakespeare_tokenizer()
+    vocab = dict(base.vocab)
+    vocab[99999] = b"<x>"
+    with pytest.raises(ValueError, match=r"BPETokenizer: vocab ids must be 0..n-1 without gaps: 2049 ids, the "
+                                         r"largest 99999"):
+        BPETokenizer(vocab, base.merges, base.special_tokens)
+    with pytest.raises(ValueError, match=r"BPETokenizer: special token '<x>' has id 5000, which is not in vocab"):
+        BPETokenizer(dict(base.vocab), base.merges, {**base.special_tokens, "<x>": 5000})
+
+
+def test_train_needs_text_and_a_possible_vocab_size():
+    with pytest.raises(TypeError, match="BPETokenizer.train: text must be a str, got NoneType"):
+        BPETokenizer.train(None, 300)
+    with pytest.raises(ValueError, match="vocab_size=True"):
+        BPETokenizer.train("hello", True)
+    with pytest.raises(ValueError, match="vocab_size=300.0"):
+        BPETokenizer.train("hello", 300.0)

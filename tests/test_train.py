@@ -1,9 +1,11 @@
 """The training loop (dsv3_lite.train, notebook 10): schedule, objective, checkpoints, exact resume, faults."""
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +263,213 @@ def test_refit_on_the_last_step_extends_the_run_before_it_ends(data, monkeypatch
     t.train_step = timed_step
     h = t.train(minutes=22.5 / 60, fit_schedule=True)
     assert t.step == t.cfg.steps == 29 and h["val_step"] == [29]
+
+
+# --- bad configurations, damaged checkpoints, memory, durability -----------------------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", -1.0, r"TrainConfig.lr=-1.0 is not allowed: a finite float > 0"),
+    ("lr", float("nan"), r"TrainConfig.lr=nan is not allowed: a finite float"),
+    ("min_lr", float("inf"), r"TrainConfig.min_lr=inf is not allowed: a finite float"),
+    ("weight_decay", float("nan"), r"TrainConfig.weight_decay=nan is not allowed: a finite float"),
+    ("grad_clip", float("inf"), r"TrainConfig.grad_clip=inf is not allowed: a finite float"),
+    ("beta2", 1.0, r"TrainConfig.beta2=1.0 is not allowed: 0 <= beta2 < 1"),
+    ("val_fraction", 0.0, r"TrainConfig.val_fraction=0.0 is not allowed: 0 < val_fraction < 1"),
+    ("steps", True, r"TrainConfig.steps=True is not allowed: an int \(not a bool or a float\)"),
+    ("batch_size", 4.0, r"TrainConfig.batch_size=4.0 is not allowed: an int"),
+    ("warmup", 2.5, r"TrainConfig.warmup=2.5 is not allowed: an int"),
+    ("lr", "0.1", r"TrainConfig.lr='0.1' is not allowed: a finite float"),
+    ("mtp_lambda", False, r"TrainConfig.mtp_lambda=False is not allowed: a finite float"),
+    ("seed", -1, r"TrainConfig.seed=-1 is not allowed: 0 <= seed < 2\*\*64"),
+    ("preset", 3, r"TrainConfig.preset=3 is not allowed: a str"),
+    ("data", 7, r"TrainConfig.data=7 is not allowed: a str or None"),
+    ("model", {"n_layer": 2}, r"TrainConfig.model=\{'n_layer': 2\} is not allowed: unknown ModelArgs field 'n_layer'"),
+    ("model", [("n_layers", 2)], r"TrainConfig.model=\[\('n_layers', 2\)\] is not allowed: a dict"),
+])
+def test_config_fields_have_their_type_and_are_finite(field, value, message):
+    """Every field of TrainConfig has its declared type (ints are not bools or floats) and every float is finite;
+    the error names the field itself (a negative lr names lr, not min_lr)."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value}).validate()
+    TrainConfig(lr=1, min_lr=1, beta1=0).validate()                          # ints are fine where floats are declared
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"minutes": -1}, r"Trainer.train: minutes=-1 is not allowed: a finite number >= 0"),
+    ({"minutes": float("nan")}, r"Trainer.train: minutes=nan is not allowed"),
+    ({"steps": 2.5}, r"Trainer.train: steps=2.5 is not allowed: an int >= 0"),
+])
+def test_train_checks_its_budget_before_a_step(data, kw, message):
+    t = Trainer(cfg(data))
+    with pytest.raises(ValueError, match=message):
+        t.train(**kw)
+    assert t.step == 0
+
+
+def test_preset_too_large_for_this_machine_is_refused_before_allocation(data, monkeypatch):
+    """Training needs 16 bytes per parameter (float32 weights, gradients, AdamW's two moments): 671B needs ~11 TB and
+    is refused with both sizes before any tensor is allocated. A tight limit also refuses the tiny model."""
+    import dsv3_lite.train as train_module
+
+    with pytest.raises(ValueError, match=r"Trainer: preset '671B' needs at least 10.9 TB of memory to train \(682,"
+                                         r"636,487,424 parameters × 16 bytes.*but this machine has .* available: "
+                                         r"choose a smaller --preset"):
+        Trainer(TrainConfig(preset="671B", data=data))
+    monkeypatch.setattr(train_module, "available_memory", lambda: 50 * 2 ** 20)
+    with pytest.raises(ValueError, match=r"needs at least 9\d.\d MB of memory .* but this machine has 52.4 MB"):
+        Trainer(cfg(data, model={}, steps=3))
+
+
+def _fake_checkpoint(path, meta, tensors=None):
+    from safetensors.torch import save_file
+
+    save_file(tensors or {"model.x": torch.zeros(2)}, path, metadata={"dsv3_lite": json.dumps(meta)})
+    return path
+
+
+def test_load_model_checks_memory_before_reading_weights(tmp_path):
+    from dsv3_lite.config import ModelArgs
+
+    big = _fake_checkpoint(tmp_path / "big.safetensors",
+                           {"model_args": dataclasses.asdict(ModelArgs.preset("671B")), "step": 1})
+    with pytest.raises(ValueError, match=rf"load_model: the checkpoint {big} needs at least 2.7 TB of memory to load "
+                                         r"\(682,636,487,424 parameters × 4 bytes"):
+        load_model(big)
+
+
+def test_damaged_checkpoints_name_the_file(data, tmp_path):
+    """A 0-byte, truncated, non-JSON or incomplete checkpoint gives a ValueError naming the file and what is wrong."""
+    t = Trainer(cfg(data, steps=3), tmp_path / "run")
+    t.train(steps=1)
+    good = (tmp_path / "run" / "checkpoint.safetensors").read_bytes()
+    empty, cut = tmp_path / "empty.safetensors", tmp_path / "cut.safetensors"
+    empty.write_bytes(b"")
+    cut.write_bytes(good[:len(good) // 2])
+    for path in (empty, cut):
+        for read in (read_checkpoint, load_model, checkpoint_tokenizer):
+            with pytest.raises(ValueError, match=f"checkpoint {path} cannot be read \\(.*\\): the file is truncated "
+                                                 "or is not a safetensors file"):
+                read(path)
+    no_step = _fake_checkpoint(tmp_path / "no_step.safetensors", {"config": {}, "model_args": {}})
+    with pytest.raises(ValueError, match=f"checkpoint {no_step}: its metadata has no 'step'"):
+        read_checkpoint(no_step)
+    from safetensors.torch import save_file
+
+    bad_json = tmp_path / "bad_json.safetensors"
+    save_file({"model.x": torch.zeros(2)}, bad_json, metadata={"dsv3_lite": "{not json"})
+    with pytest.raises(ValueError, match=f"checkpoint {bad_json}: its 'dsv3_lite' metadata is not JSON"):
+        read_checkpoint(bad_json)
+    wrong = _fake_checkpoint(tmp_path / "wrong.safetensors", {**read_checkpoint(tmp_path / "run" /
+                                                                                  "checkpoint.safetensors")[1]})
+    with pytest.raises(ValueError, match=f"load_model: the checkpoint {wrong} does not fit its model_args"):
+        load_model(wrong)
+    with pytest.raises(ValueError, match=f"resume: {wrong} does not fit this model"):
+        Trainer(cfg(data, steps=3), tmp_path / "run").load(wrong)
+
+
+def test_data_with_a_larger_vocabulary_than_the_model_is_refused(tmp_path):
+    from dsv3_lite.tokenizer import BPETokenizer
+
+    base = shakespeare_tokenizer()
+    vocab = dict(base.vocab)
+    vocab.update({i: b"\xff\xfe" + i.to_bytes(4, "little") for i in range(len(vocab), 3000)})
+    (tmp_path / "t.txt").write_text(shakespeare()[:20_000], encoding="utf-8")
+    prepare([tmp_path / "t.txt"], BPETokenizer(vocab, base.merges, base.special_tokens), tmp_path / "d", workers=1,
+            progress=False)
+    with pytest.raises(ValueError, match=r"Trainer: the data .* was prepared with a tokenizer of 3,000 tokens, more "
+                                         r"than the model's vocab_size = 2,048"):
+        Trainer(cfg(str(tmp_path / "d")))
+
+
+def test_checkpoint_is_fsynced_before_and_after_the_rename(data, tmp_path, monkeypatch):
+    """The temporary file's data reaches the disk before `os.replace`, and the folder's entry after it, so a power
+    loss leaves the old checkpoint or the new one."""
+    t = Trainer(cfg(data, steps=3), tmp_path)
+    t.train(steps=1)
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def traced_fsync(fd):
+        events.append(("fsync", "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", traced_fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or replace(a, b))
+    t.save()
+    assert events == [("fsync", "file"), ("replace", "checkpoint.safetensors"), ("fsync", "dir")]
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import safetensors.torch
+from dsv3_lite.train import TrainConfig, Trainer
+cfg = TrainConfig(**__import__("json").loads(sys.argv[1]))
+t = Trainer(cfg, sys.argv[2])
+t.train(steps=2)                                        # a good checkpoint at step 2
+real = safetensors.torch.save_file
+
+def killed_mid_write(tensors, filename, metadata=None):
+    real(tensors, filename, metadata=metadata)
+    with open(filename, "r+b") as f:                    # half written, then the process is killed
+        f.truncate(os.path.getsize(filename) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+safetensors.torch.save_file = killed_mid_write
+t.train(steps=1)
+"""
+
+
+def test_kill_during_save_keeps_the_checkpoint_and_the_next_start_removes_temporaries(data, tmp_path):
+    """SIGKILL in the middle of a save: the previous checkpoint is intact, the half-written temporary file stays
+    behind, and the next start (here a resume) removes it."""
+    import json as json_module
+    import subprocess
+    import sys
+
+    config = dataclasses.asdict(cfg(data, steps=6, ckpt_every=1))
+    r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, json_module.dumps(config), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.safetensors"]
+    assert leftovers and all(p.startswith(".checkpoint.safetensors.tmp") for p in leftovers)
+    assert read_checkpoint(tmp_path / "checkpoint.safetensors")[1]["step"] == 2
+    logged = []
+    resumed = Trainer(TrainConfig(**config), tmp_path, resume=True, log=logged.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]       # no temporary file left
+    assert resumed.step == 2 and any("removed" in line and leftovers[0] in line for line in logged)
+
+
+def test_temporaries_of_running_processes_are_kept(data, tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()                                                     # a process that has ended: its pid is free
+    dead, alive = tmp_path / f".checkpoint.safetensors.tmp{p.pid}", tmp_path / ".checkpoint.safetensors.tmp1"
+    other = tmp_path / ".notes.txt.tmp123"
+    for f in (dead, alive, other):
+        f.write_bytes(b"partial")
+    Trainer(cfg(data, steps=3), tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that a pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_is_refused_without_running_it(tmp_path):
+    """A pickle under a checkpoint's name (what torch.save writes) is refused as not a safetensors file, and its
+    payload never runs: nothing in the package unpickles."""
+    import pickle
+
+    marker, ckpt = tmp_path / "payload_ran", tmp_path / "checkpoint.safetensors"
+    ckpt.write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    for read in (read_checkpoint, load_model, checkpoint_tokenizer):
+        with pytest.raises(ValueError, match=f"checkpoint {ckpt} cannot be read .* is not a safetensors file"):
+            read(ckpt)
+    assert not marker.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +26,7 @@ import torch
 from dsv3_lite.data.corpus import SHAKESPEARE_TOKENIZER_FILE, shakespeare, train_val_split
 from dsv3_lite.tokenizer import BPETokenizer
 
-__all__ = ['HEADER_BYTES', 'MAGIC', 'text_chunks', 'prepare', 'TokenFile', 'sample_windows', 'eval_windows', 'cache_dir', 'shakespeare_tokens', 'load_splits']
+__all__ = ['HEADER_BYTES', 'MAGIC', 'text_chunks', 'temporary_path', 'replace_atomically', 'remove_stale_temporaries', 'prepare', 'TokenFile', 'sample_windows', 'eval_windows', 'cache_dir', 'shakespeare_tokens', 'load_splits']
 
 
 # --- notebooks/10_training.ipynb, cell 6 (id d1cc86ef)
@@ -76,7 +77,54 @@ def text_chunks(path: str | Path, chunk_bytes: int = 1 << 22):
             offset, rest = offset + cut, buf[cut:]
 
 
-# --- notebooks/10_training.ipynb, cell 9 (id 268516b9)
+# --- notebooks/10_training.ipynb, cell 9 (id 7a0f51e2)
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: `.{name}.tmp{pid}` beside it (a rename is atomic only
+    within one file system), e.g. `runs/x/.checkpoint.safetensors.tmp4242`."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def replace_atomically(tmp: Path, path: Path) -> None:
+    """Rename the complete file `tmp` to `path` so that a crash or a power loss leaves either the old file or the new
+    one: the data reaches the disk (fsync) before the rename, and the folder's new entry after it."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if os.name == "posix":                               # only POSIX systems can open and fsync a folder
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 checks without sending anything). This process counts as running."""
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:                              # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files of `path` left by processes killed while writing it (`temporary_path` of a pid
+    that is no longer running); those of running processes are kept. Returns the deleted paths."""
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{path.name}.tmp") + r"(\d+)")
+    stale = [p for p in path.parent.iterdir()
+             if (m := pattern.fullmatch(p.name)) and p.is_file() and not _running(int(m.group(1)))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+# --- notebooks/10_training.ipynb, cell 10 (id 268516b9)
 _WORKER_TOKENIZER = None
 
 
@@ -119,6 +167,8 @@ def prepare(inputs, tokenizer, out_dir: str | Path, *, name: str = "train", work
     end-of-sentence token between files when the tokenizer has one; progress: a tqdm bar over input bytes (default:
     when stderr is a terminal). Memory stays about `chunk_bytes` × 2 × workers whatever the input size.
     """
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ValueError(f"prepare: workers={workers!r} is not allowed: an int >= 1, or None for the CPU count")
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     if not paths:
         raise ValueError("prepare: inputs=[] is not allowed: give at least one text file")
@@ -137,7 +187,8 @@ def prepare(inputs, tokenizer, out_dir: str | Path, *, name: str = "train", work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.bin"
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    remove_stale_temporaries(out)                     # left by a killed run
+    tmp = temporary_path(out)
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {name}",
                disable=not (sys.stderr.isatty() if progress is None else progress))
@@ -184,7 +235,7 @@ def prepare(inputs, tokenizer, out_dir: str | Path, *, name: str = "train", work
                 raw_header = json.dumps(header).encode()
             f.seek(0)
             f.write(raw_header.ljust(HEADER_BYTES - 1) + b"\n")
-        os.replace(tmp, out)
+        replace_atomically(tmp, out)
     finally:
         bar.close()
         if pool:
@@ -194,7 +245,7 @@ def prepare(inputs, tokenizer, out_dir: str | Path, *, name: str = "train", work
     return out
 
 
-# --- notebooks/10_training.ipynb, cell 14 (id 6fc55324)
+# --- notebooks/10_training.ipynb, cell 15 (id 6fc55324)
 class TokenFile:
     """A token file written by `prepare`, memory-mapped: `tokens` is a read-only numpy array of `count` ids.
 
@@ -221,6 +272,11 @@ class TokenFile:
         return chars / tokens if tokens else float("nan")
 
 
+def _count(v) -> bool:
+    """Whether a header value is a count: an int >= 0 (JSON true/false are not)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _read_header(path: Path) -> dict:
     """The JSON header of a token file, checked field by field; a ValueError names the file and what is wrong."""
     with open(path, "rb") as f:
@@ -230,18 +286,36 @@ def _read_header(path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
+        short = f": it has only {len(raw):,} bytes, less than the header, so it was truncated or is not a token file" \
+            if len(raw) < HEADER_BYTES else ""
         raise ValueError(f"TokenFile: {path} is not a dsv3_lite token file (no '{MAGIC}' JSON header in its first "
-                         f"{HEADER_BYTES} bytes)")
+                         f"{HEADER_BYTES} bytes){short}")
     if header.get("format") != MAGIC:
         raise ValueError(f"TokenFile: {path} is not a dsv3_lite token file: header format = {header.get('format')!r}, "
                          f"expected {MAGIC!r}")
     dtype, count = header.get("dtype"), header.get("count")
     if dtype not in ("uint16", "uint32"):
         raise ValueError(f"TokenFile: {path}: header dtype = {dtype!r} is not allowed: 'uint16' or 'uint32'")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    if not _count(count):
         raise ValueError(f"TokenFile: {path}: header count = {count!r} is not allowed: an int >= 0")
     if not isinstance(header.get("inputs"), list):
         raise ValueError(f"TokenFile: {path}: header inputs = {header.get('inputs')!r} is not allowed: a list")
+    for j, stats in enumerate(header["inputs"]):
+        if not isinstance(stats, dict):
+            raise ValueError(f"TokenFile: {path}: header inputs[{j}] = {stats!r} is not allowed: a dict")
+        for k in ("files", "bytes", "chars", "tokens"):
+            if k in stats and not _count(stats[k]):
+                raise ValueError(f"TokenFile: {path}: header inputs[{j}].{k} = {stats[k]!r} is not allowed: an int "
+                                 ">= 0")
+    for k, allowed in (("tokenizer", "a path (str) or null"), ("tokenizer_sha256", "a str or null")):
+        if not isinstance(header.get(k), (str, type(None))):
+            raise ValueError(f"TokenFile: {path}: header {k} = {header[k]!r} is not allowed: {allowed}")
+    vocab_size = header.get("vocab_size")
+    if vocab_size is not None and (not _count(vocab_size) or vocab_size < 1):
+        raise ValueError(f"TokenFile: {path}: header vocab_size = {vocab_size!r} is not allowed: an int >= 1")
+    if vocab_size is not None and dtype == "uint16" and vocab_size > 1 << 16:
+        raise ValueError(f"TokenFile: {path}: header vocab_size = {vocab_size} is not allowed: a uint16 file holds ids "
+                         f"< 65,536")
     size, expected = path.stat().st_size, HEADER_BYTES + count * np.dtype(dtype).itemsize
     if size != expected:
         raise ValueError(f"TokenFile: {path} has {size:,} bytes, but its header promises {count:,} {dtype} ids "
@@ -276,7 +350,7 @@ def eval_windows(tokens: np.ndarray, n: int, seq_len: int) -> tuple[torch.Tensor
                     "eval_windows")
 
 
-# --- notebooks/10_training.ipynb, cell 17 (id f0b546f1)
+# --- notebooks/10_training.ipynb, cell 18 (id f0b546f1)
 def cache_dir() -> Path:
     """Where prepared data goes: $DSV3_LITE_CACHE, else ~/.cache/dsv3_lite."""
     return Path(os.environ.get("DSV3_LITE_CACHE") or Path.home() / ".cache" / "dsv3_lite")

@@ -13,53 +13,76 @@ import importlib.util
 
 import torch
 
-from dsv3_lite.fp8 import BLOCK, FP8, _cdiv, _check_tensor, _check_weight, _fail
+from dsv3_lite.fp8 import BLOCK, FP8, _cdiv, _check_dtype, _check_tensor, _check_weight, _fail
 from dsv3_lite.kernels import COMPILED, INTERPRET, tl, triton
 
 __all__ = ['act_quant', 'weight_quant', 'weight_dequant', 'gluon_available', 'gemm_candidates', 'tuned_config', 'fp8_gemm', 'fp8_linear']
 
 
 # --- notebooks/08_fp8_kernels.ipynb, cell 32 (id a3ae3b29)
-_SOFT_ROUND = INTERPRET          # round to e4m3 in integer arithmetic in the interpreter (see `_to_e4m3`)
+_SOFT_FP8 = INTERPRET            # e4m3 conversions in software in the interpreter (`_to_e4m3`, `_from_e4m3`)
 
 
 @triton.jit
-def _to_e4m3(y, SOFT_ROUND: tl.constexpr):
-    """Cast float32 values with |y| <= 448 to e4m3fn, rounding to nearest even.
+def _to_e4m3(y, SOFT_FP8: tl.constexpr):
+    """Cast float32 values with |y| <= 448, or NaN, to e4m3fn, rounding to nearest even.
 
     On a GPU the hardware conversion does this. The Triton interpreter's own float32 → fp8 cast rounds ties away
-    from zero and mishandles a carry into the exponent (1.94 → 1.0), so there we round on the float32 bits first
-    and the cast only relabels an exactly representable value.
+    from zero, mishandles a carry into the exponent (1.94 → 1.0) and turns NaN into a number, so there we round on
+    the float32 bits first (the cast then only relabels an exactly representable value) and write NaN's code.
     """
-    if SOFT_ROUND:
+    if SOFT_FP8:
+        nan_code = ((y.to(tl.uint32, bitcast=True) >> 24) | 0x7F).to(tl.uint8)   # e4m3fn's NaN, 0x7F, y's sign
+        is_nan = y != y
         bits = y.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000          # keep 3 mantissa bits, ties to even
         y_normal = bits.to(tl.float32, bitcast=True)
         y_sub = ((tl.abs(y) * 512.0 + 12582912.0) - 12582912.0) / 512.0   # subnormals: multiples of 2^-9
         y_sub = tl.where((bits >> 31) != 0, -y_sub, y_sub)                  # keep the sign (also of -0.0)
         y = tl.where(tl.abs(y) < 0.015625, y_sub, y_normal)                # 2^-6: smallest normal e4m3 value
+        q = tl.where(is_nan, nan_code, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True))
+        return q.to(tl.float8e4nv, bitcast=True)
     return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _from_e4m3(q, SOFT_FP8: tl.constexpr):
+    """Widen e4m3fn values to float32 (exactly). The interpreter's cast reads the NaN code 0x7F as 480, so there we
+    put the NaNs back."""
+    x = q.to(tl.float32)
+    if SOFT_FP8:
+        x = tl.where((q.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), x)
+    return x
 
 
 # --- notebooks/08_fp8_kernels.ipynb, cell 33 (id b0694dfc)
 @triton.jit
 def _pow2_ceil(s):
-    """2^ceil(log2 s) for positive normal float32 s, from the bits: bump the exponent if any mantissa bit is set."""
+    """2^ceil(log2 s) for positive normal float32 s, from the bits: bump the exponent if any mantissa bit is set.
+    NaN and inf (exponent bits all ones) stay as they are, as in `pow2_ceil`."""
     bits = s.to(tl.uint32, bitcast=True)
-    exp = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.uint32)
-    return (exp << 23).to(tl.float32, bitcast=True)
+    exp = (bits >> 23) & 0xFF
+    up = ((exp + ((bits & 0x7FFFFF) != 0).to(tl.uint32)) << 23).to(tl.float32, bitcast=True)
+    return tl.where(exp == 0xFF, s, up)
 
 
 # --- notebooks/08_fp8_kernels.ipynb, cell 34 (id 2b4b7240)
 @triton.jit
-def _quant_tile(x, UE8M0: tl.constexpr, SOFT_ROUND: tl.constexpr):
+def _amax(x, axis: tl.constexpr):
+    """max |x| over `axis`, at least 1e-4, and NaN if a NaN is among them: `torch.amax(|x|).clamp(min=1e-4)`.
+    `tl.max` skips NaN (as the GPU's max instruction does), so the NaNs are added back: amax + 0, or amax + NaN."""
+    ax = tl.abs(x)
+    return tl.maximum(tl.max(ax, axis=axis), 1e-4) + tl.sum(tl.where(ax != ax, ax, 0.0), axis=axis)
+
+
+@triton.jit
+def _quant_tile(x, UE8M0: tl.constexpr, SOFT_FP8: tl.constexpr):
     """Quantise a [R, 128] float32 tile row by row: returns (fp8 tile [R, 128], scales [R])."""
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)                     # [R]
-    s = tl.div_rn(amax, 448.0)                                              # IEEE division: same bits as PyTorch
+    s = tl.div_rn(_amax(x, 1), 448.0)                                       # [R]; IEEE division: PyTorch's bits
     if UE8M0:
         s = _pow2_ceil(s)
     y = x * tl.div_rn(1.0, s)[:, None]                                     # one IEEE division per row, not per element
-    return _to_e4m3(y, SOFT_ROUND), s
+    return _to_e4m3(y, SOFT_FP8), s
 
 
 # --- notebooks/08_fp8_kernels.ipynb, cell 37 (id 00237c95)
@@ -73,13 +96,13 @@ def _act_quant_kernel(
     BLOCK_R: tl.constexpr,      # rows per program
     BLOCK_K: tl.constexpr,      # = 128: one scale per row of the tile
     UE8M0: tl.constexpr,        # round scales up to powers of two
-    SOFT_ROUND: tl.constexpr,   # round in software (the interpreter)
+    SOFT_FP8: tl.constexpr,     # e4m3 conversions in software (the interpreter)
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = rows[:, None] < M
     x = tl.load(X + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y, s = _quant_tile(x, UE8M0, SOFT_ROUND)
+    y, s = _quant_tile(x, UE8M0, SOFT_FP8)
     tl.store(Y + rows[:, None] * K + cols[None, :], y, mask=mask)
     tl.store(S + rows * (K // BLOCK_K) + tl.program_id(1), s, mask=rows < M)
 
@@ -126,21 +149,21 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
     if M > 0:
         BLOCK_R = 16 if INTERPRET else 32
         _act_quant_kernel[(_cdiv(M, BLOCK_R), K // BLOCK)](
-            x, y, s, M, K, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK, UE8M0=scale_fmt == "ue8m0", SOFT_ROUND=_SOFT_ROUND)
+            x, y, s, M, K, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK, UE8M0=scale_fmt == "ue8m0", SOFT_FP8=_SOFT_FP8)
     return y, s
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 41 (id bf4c056b)
+# --- notebooks/08_fp8_kernels.ipynb, cell 43 (id bf4c056b)
 @triton.jit
-def _weight_quant_kernel(W, Y, S, N, K, BLOCK_SIZE: tl.constexpr, SOFT_ROUND: tl.constexpr):
+def _weight_quant_kernel(W, Y, S, N, K, BLOCK_SIZE: tl.constexpr, SOFT_FP8: tl.constexpr):
     """One program per 128×128 block of W [N, K]: one scale, 16,384 quantised values."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     cols = pid_k * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = (rows[:, None] < N) & (cols[None, :] < K)                       # edge blocks: zeros do not change amax
     x = tl.load(W + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.div_rn(tl.maximum(tl.max(tl.abs(x)), 1e-4), 448.0)
-    tl.store(Y + rows[:, None] * K + cols[None, :], _to_e4m3(x * tl.div_rn(1.0, s), SOFT_ROUND), mask=mask)
+    s = tl.div_rn(_amax(x, None), 448.0)                                    # over the whole block
+    tl.store(Y + rows[:, None] * K + cols[None, :], _to_e4m3(x * tl.div_rn(1.0, s), SOFT_FP8), mask=mask)
     tl.store(S + pid_n * tl.cdiv(K, BLOCK_SIZE) + pid_k, s)
 
 
@@ -155,18 +178,18 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK):
     y = torch.empty_like(w, dtype=FP8)
     s = w.new_empty(_cdiv(N, BLOCK), _cdiv(K, BLOCK), dtype=torch.float32)
     if w.numel() > 0:
-        _weight_quant_kernel[s.shape](w, y, s, N, K, BLOCK_SIZE=BLOCK, SOFT_ROUND=_SOFT_ROUND)
+        _weight_quant_kernel[s.shape](w, y, s, N, K, BLOCK_SIZE=BLOCK, SOFT_FP8=_SOFT_FP8)
     return y, s
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 42 (id 0e0a9966)
+# --- notebooks/08_fp8_kernels.ipynb, cell 44 (id 0e0a9966)
 @triton.jit
-def _weight_dequant_kernel(X, S, Y, N, K, BLOCK_SIZE: tl.constexpr):
+def _weight_dequant_kernel(X, S, Y, N, K, BLOCK_SIZE: tl.constexpr, SOFT_FP8: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     cols = pid_k * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
-    x = tl.load(X + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _from_e4m3(tl.load(X + rows[:, None] * K + cols[None, :], mask=mask, other=0.0), SOFT_FP8)
     s = tl.load(S + pid_n * tl.cdiv(K, BLOCK_SIZE) + pid_k)
     tl.store(Y + rows[:, None] * K + cols[None, :], (x * s).to(Y.dtype.element_ty), mask=mask)
 
@@ -174,9 +197,11 @@ def _weight_dequant_kernel(X, S, Y, N, K, BLOCK_SIZE: tl.constexpr):
 def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK, dtype=torch.bfloat16):
     """Dequantise an FP8 weight: W[i, j] = w[i, j] · s[i // 128, j // 128] (the checkpoint's `weight_scale_inv`).
 
-    w: [N, K] float8_e4m3fn; s: [ceil(N/128), ceil(K/128)] float32. Returns [N, K] in `dtype`.
+    w: [N, K] float8_e4m3fn; s: [ceil(N/128), ceil(K/128)] float32. Returns [N, K] in `dtype` (bfloat16, float16,
+    float32 or float64).
     """
     _check_block("weight_dequant", block_size)
+    _check_dtype("weight_dequant", "dtype", dtype)
     _check_input("weight_dequant", "w", w, (FP8,), ndim=2)
     _check_input("weight_dequant", "s", s, (torch.float32,), ndim=2)
     N, K = w.shape
@@ -187,11 +212,11 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK, dt
         _fail("weight_dequant", "s.device", s.device, f"must be w's device {w.device}")
     y = torch.empty_like(w, dtype=dtype)
     if w.numel() > 0:
-        _weight_dequant_kernel[s.shape](w, s, y, N, K, BLOCK_SIZE=BLOCK)
+        _weight_dequant_kernel[s.shape](w, s, y, N, K, BLOCK_SIZE=BLOCK, SOFT_FP8=_SOFT_FP8)
     return y
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 45 (id e45d2728)
+# --- notebooks/08_fp8_kernels.ipynb, cell 47 (id e45d2728)
 @triton.jit
 def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Grouped tile order: walk GROUP_M row-tiles down a column before moving right, so the B tiles that
@@ -203,6 +228,15 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _dot_e4m3(a, b, SOFT_FP8: tl.constexpr):
+    """a [BLOCK_M, 128] @ b [BLOCK_N, 128].T for e4m3 tiles, in float32: on the tensor cores of a GPU; in the
+    interpreter on the values widened by `_from_e4m3` (exact), because its own dot reads the NaN code as 480."""
+    if SOFT_FP8:
+        return tl.dot(_from_e4m3(a, True), tl.trans(_from_e4m3(b, True)))
+    return tl.dot(a, tl.trans(b))
+
+
+@triton.jit
 def _block_scale(a_s, B_s, pid_n, rn, kb, nkb, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The scale of one 128-wide K step for a [BLOCK_M, BLOCK_N] tile: a_s[m] · b_s[n // 128]."""
     if BLOCK_N <= BLOCK_K:                                    # the tile sits in one weight block: b_s is a scalar
@@ -211,7 +245,7 @@ def _block_scale(a_s, B_s, pid_n, rn, kb, nkb, BLOCK_N: tl.constexpr, BLOCK_K: t
         return a_s[:, None] * tl.load(B_s + (rn // BLOCK_K) * nkb + kb)[None, :]       # [BLOCK_M, BLOCK_N]
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 46 (id fe18e510)
+# --- notebooks/08_fp8_kernels.ipynb, cell 48 (id fe18e510)
 @triton.jit
 def _fp8_gemm_kernel(
     A,                          # activations [M, K]: float8_e4m3fn, or bf16/fp16/fp32 when QUANT_A
@@ -225,7 +259,7 @@ def _fp8_gemm_kernel(
     GROUP_M: tl.constexpr,      # grouped tile order
     SPLIT_K: tl.constexpr,      # K is split across program_id(1) (small M: more programs than tiles)
     QUANT_A: tl.constexpr,      # fused act_quant: A is high precision, quantised per 1×128 tile on the fly
-    UE8M0: tl.constexpr, SOFT_ROUND: tl.constexpr,
+    UE8M0: tl.constexpr, SOFT_FP8: tl.constexpr,
 ):
     """C = Σ_g (A_q[:, g] @ B_q[:, g].T) · a_s[:, g] · b_s[:, g]: one FP8 tensor-core product per 128-wide K
     step, promoted to the float32 accumulator with its scales (the paper's promotion every N_C = 128)."""
@@ -244,11 +278,11 @@ def _fp8_gemm_kernel(
     for kb in range(k_lo, k_hi):
         b = tl.load(b_ptrs + kb * BLOCK_K)                                # [BLOCK_N, 128] fp8
         if QUANT_A:
-            a, a_s = _quant_tile(tl.load(a_ptrs + kb * BLOCK_K).to(tl.float32), UE8M0, SOFT_ROUND)
+            a, a_s = _quant_tile(tl.load(a_ptrs + kb * BLOCK_K).to(tl.float32), UE8M0, SOFT_FP8)
         else:
             a = tl.load(a_ptrs + kb * BLOCK_K)                            # [BLOCK_M, 128] fp8
             a_s = tl.load(A_s + rm * nkb + kb)                            # [BLOCK_M]
-        acc += tl.dot(a, tl.trans(b)) * _block_scale(a_s, B_s, pid_n, rn, kb, nkb, BLOCK_N, BLOCK_K)
+        acc += _dot_e4m3(a, b, SOFT_FP8) * _block_scale(a_s, B_s, pid_n, rn, kb, nkb, BLOCK_N, BLOCK_K)
     c_ptrs = C + offs_m[:, None] * N + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -257,7 +291,7 @@ def _fp8_gemm_kernel(
         tl.atomic_add(c_ptrs, acc, mask=mask)
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 48 (id bfee3db8)
+# --- notebooks/08_fp8_kernels.ipynb, cell 50 (id bfee3db8)
 @triton.jit
 def _fp8_gemm_tma_kernel(
     a_desc,                     # TMA descriptor of A [M, K] fp8, block [BLOCK_M, 128]
@@ -265,6 +299,7 @@ def _fp8_gemm_tma_kernel(
     M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # persistent grid: each program walks tiles NUM_PROGRAMS apart
+    SOFT_FP8: tl.constexpr,     # e4m3 conversions in software (the interpreter)
 ):
     """Same mathematics as `_fp8_gemm_kernel`, Hopper-style: TMA tile loads and a persistent, grouped grid."""
     num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -280,12 +315,12 @@ def _fp8_gemm_tma_kernel(
             a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])                  # [BLOCK_M, 128] fp8, zero-filled
             b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])                  # [BLOCK_N, 128] fp8 past the edges
             s = _block_scale(tl.load(A_s + rm * nkb + kb), B_s, pid_n, rn, kb, nkb, BLOCK_N, BLOCK_K)
-            acc += tl.dot(a, b.T) * s
+            acc += _dot_e4m3(a, b, SOFT_FP8) * s
         c_ptrs = C + offs_m[:, None] * N + offs_n[None, :]
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 50 (id 82587faa)
+# --- notebooks/08_fp8_kernels.ipynb, cell 52 (id 82587faa)
 _GROUP_M = 8    # grouped tile order: 8 row tiles share the B tiles they read (`_tile_coords`)
 
 
@@ -306,16 +341,17 @@ def _launch(a, a_s, b, b_s, out_dtype, cfg: dict, fused: bool = False, ue8m0: bo
         n_prog = min(tiles, cfg["programs"]) if cfg.get("programs") else tiles     # persistent when capped
         _fp8_gemm_tma_kernel[(n_prog,)](
             TensorDescriptor.from_tensor(a, [BM, BLOCK]), a_s, TensorDescriptor.from_tensor(b, [BN, BLOCK]), b_s, c,
-            M, N, K, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK, GROUP_M=_GROUP_M, NUM_PROGRAMS=n_prog, **opts)
+            M, N, K, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK, GROUP_M=_GROUP_M, NUM_PROGRAMS=n_prog,
+            SOFT_FP8=_SOFT_FP8, **opts)
     else:
         BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
         _fp8_gemm_kernel[(_cdiv(M, BM) * _cdiv(N, BN), split)](
             a, a_s, b, b_s, c, M, N, K, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BLOCK, GROUP_M=_GROUP_M, SPLIT_K=split,
-            QUANT_A=fused, UE8M0=ue8m0, SOFT_ROUND=_SOFT_ROUND, **opts)
+            QUANT_A=fused, UE8M0=ue8m0, SOFT_FP8=_SOFT_FP8, **opts)
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 51 (id a957fbe5)
+# --- notebooks/08_fp8_kernels.ipynb, cell 53 (id a957fbe5)
 _CONFIG_KEYS = ("kernel", "BLOCK_M", "BLOCK_N", "SPLIT_K", "num_warps", "num_stages", "programs")
 _TUNED: dict = {}      # (M bucket, N, K, fused act_quant) -> the fastest configuration measured on this GPU
 
@@ -423,7 +459,7 @@ def _check_config(fn: str, cfg, N: int, fused: bool) -> None:
             _fail(fn, f"config['{key}']", cfg[key], f"only the {only!r} kernel takes {key}")
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 52 (id e0b48f33)
+# --- notebooks/08_fp8_kernels.ipynb, cell 54 (id e0b48f33)
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
     """Block-scaled FP8 GEMM with the Triton kernels: C = dequant(a) @ dequant(b).T, accumulated in float32.
@@ -458,7 +494,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     return run(config if config is not None else _autotune(M, N, K, False, run)).view(*a.shape[:-1], N)
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 58 (id e0033b7c)
+# --- notebooks/08_fp8_kernels.ipynb, cell 60 (id e0033b7c)
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_fmt: str | None = None,
                fused: bool = False, config: dict | None = None) -> torch.Tensor:
     """y = x @ dequant(weight).T for high-precision x: `act_quant` then `fp8_gemm`, or both in one kernel.
