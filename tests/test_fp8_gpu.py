@@ -7,6 +7,7 @@ Skipped without a CUDA GPU (CI has none); run on the H200 with
 
 import pytest
 import torch
+from test_fp8 import INF, NAN, same_fp8, same_values  # the CPU tests' NaN-aware comparisons
 
 import dsv3_lite.kernels.fp8 as KF
 from dsv3_lite import ModelArgs, Transformer, generate
@@ -129,18 +130,6 @@ def test_gluon_is_a_candidate_for_large_m_only():
 
 # NaN and inf on the GPU: the compiled kernels against the references run on the same CUDA tensors. A tile or block
 # with a NaN has a NaN scale and quantises to NaN; one with ±inf an infinite scale, NaN at the ±inf and ±0 elsewhere.
-NAN, INF = float("nan"), float("inf")
-
-
-def same_fp8(a, b):
-    """Same bits, NaN where the other is NaN (e4m3fn has one NaN code, 0x7F, with either sign)."""
-    nan = a.float().isnan()
-    return (a.shape == b.shape and torch.equal(nan, b.float().isnan())
-            and torch.equal(a.view(torch.uint8)[~nan], b.view(torch.uint8)[~nan]))
-
-
-def same_values(a, b):
-    return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
 
 
 def _spoil(t, n, g):

@@ -155,15 +155,22 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
 
 # --- notebooks/08_fp8_kernels.ipynb, cell 43 (id bf4c056b)
 @triton.jit
+def _block(N, K, BLOCK_SIZE: tl.constexpr):
+    """This program's 128×128 block of a row-major [N, K] matrix: element offsets [128, 128] and the in-bounds mask
+    (edge blocks are partial)."""
+    rows = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    return rows[:, None] * K + cols[None, :], (rows[:, None] < N) & (cols[None, :] < K)
+
+
+@triton.jit
 def _weight_quant_kernel(W, Y, S, N, K, BLOCK_SIZE: tl.constexpr, SOFT_FP8: tl.constexpr):
     """One program per 128×128 block of W [N, K]: one scale, 16,384 quantised values."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    cols = pid_k * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)                       # edge blocks: zeros do not change amax
-    x = tl.load(W + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    offs, mask = _block(N, K, BLOCK_SIZE)
+    x = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)             # edge blocks: zeros do not change amax
     s = tl.div_rn(_amax(x, None), 448.0)                                    # over the whole block
-    tl.store(Y + rows[:, None] * K + cols[None, :], _to_e4m3(x * tl.div_rn(1.0, s), SOFT_FP8), mask=mask)
+    tl.store(Y + offs, _to_e4m3(x * tl.div_rn(1.0, s), SOFT_FP8), mask=mask)
     tl.store(S + pid_n * tl.cdiv(K, BLOCK_SIZE) + pid_k, s)
 
 
@@ -186,12 +193,10 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK):
 @triton.jit
 def _weight_dequant_kernel(X, S, Y, N, K, BLOCK_SIZE: tl.constexpr, SOFT_FP8: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    cols = pid_k * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
-    x = _from_e4m3(tl.load(X + rows[:, None] * K + cols[None, :], mask=mask, other=0.0), SOFT_FP8)
+    offs, mask = _block(N, K, BLOCK_SIZE)
+    x = _from_e4m3(tl.load(X + offs, mask=mask, other=0.0), SOFT_FP8)
     s = tl.load(S + pid_n * tl.cdiv(K, BLOCK_SIZE) + pid_k)
-    tl.store(Y + rows[:, None] * K + cols[None, :], (x * s).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, (x * s).to(Y.dtype.element_ty), mask=mask)
 
 
 def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK, dtype=torch.bfloat16):
