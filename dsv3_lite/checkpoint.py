@@ -20,7 +20,6 @@ Generated from notebooks/11_checkpoints.ipynb.
 import hashlib
 import json
 import math
-import os
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -486,6 +485,8 @@ def write_random_checkpoint(args: ModelArgs, path: str | Path, n_shards: int | N
     complete. Returns the layout."""
     from safetensors.torch import save_file
 
+    from dsv3_lite.data.tokens import replace_atomically, temporary_path  # notebook 10's atomic write
+
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"write_random_checkpoint: path = {str(path)!r} is not allowed: give a new or empty folder")
@@ -496,9 +497,9 @@ def write_random_checkpoint(args: ModelArgs, path: str | Path, n_shards: int | N
     for t, k in zip(layout.tensors, layout.shards, strict=True):
         by_shard.setdefault(k, []).append(t)
     for k, file in enumerate(layout.files(), start=1):
-        partial = path / (file + ".partial")
-        save_file(_shard_data(by_shard[k], shapes, seed, args.init_std), partial, metadata={"format": "pt"})
-        os.replace(partial, path / file)
+        tmp = temporary_path(path / file)                                   # renamed into place once complete
+        save_file(_shard_data(by_shard[k], shapes, seed, args.init_std), tmp, metadata={"format": "pt"})
+        replace_atomically(tmp, path / file)
     (path / "model.safetensors.index.json").write_text(json.dumps(layout.index(), indent=2) + "\n", encoding="utf-8")
     (path / "config.json").write_text(json.dumps(checkpoint_config(args, with_mtp), indent=2) + "\n", encoding="utf-8")
     return layout

@@ -262,7 +262,7 @@ def test_write_refuses_a_folder_in_use(written):
     path, args, _ = written["bf16"]
     with pytest.raises(ValueError, match="write_random_checkpoint: path = .* is not allowed: give a new or empty"):
         write_random_checkpoint(args, path)
-    assert not list(path.glob("*.partial"))
+    assert not list(path.glob(".*.tmp*"))                               # no temporary shard left behind
 
 
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
