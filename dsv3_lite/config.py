@@ -168,6 +168,8 @@ def validate_args(a: ModelArgs) -> None:
         bad("beta_fast", f"it must be larger than beta_slow={a.beta_slow}")
     if a.mscale < 0:
         bad("mscale", "it must be >= 0")
+    if not math.isfinite(_yarn_m(a.rope_factor, a.mscale) * _yarn_m(a.rope_factor, a.mscale)):
+        bad("mscale", f"with rope_factor={a.rope_factor} YaRN's attention factor m² overflows: it must be moderate (V3: 1.0)")
     if a.scale_fmt is not None and a.dtype != "fp8":
         bad("scale_fmt", "a scale format only applies to dtype='fp8'")
 
