@@ -14,12 +14,13 @@ Shape letters used in comments across the package:
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ['BPETokenizer', 'RMSNorm', 'ModelArgs', 'Transformer', 'load_hf_checkpoint', 'generate']
+__all__ = ['BPETokenizer', 'RMSNorm', 'ModelArgs', 'Transformer', 'generate', 'load_hf_checkpoint']
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
+    from dsv3_lite.checkpoint import load_hf_checkpoint
     from dsv3_lite.config import ModelArgs
     from dsv3_lite.generation import generate
-    from dsv3_lite.model import Transformer, load_hf_checkpoint
+    from dsv3_lite.model import Transformer
     from dsv3_lite.norm import RMSNorm
     from dsv3_lite.tokenizer import BPETokenizer
 
@@ -30,10 +31,11 @@ _MODULE_OF = {  # public name -> the module that defines it, imported on first u
     'RMSNorm': 'dsv3_lite.norm',
     # --- notebooks/02_embeddings.ipynb, cell 56 (id 7b255cee)
     'ModelArgs': 'dsv3_lite.config',
-    # --- notebooks/07_model.ipynb, cell 59 (id 0fccd995)
+    # --- notebooks/07_model.ipynb, cell 53 (id 0fccd995)
     'Transformer': 'dsv3_lite.model',
-    'load_hf_checkpoint': 'dsv3_lite.model',
     'generate': 'dsv3_lite.generation',
+    # --- notebooks/11_checkpoints.ipynb, cell 80 (id a6b6866e)
+    'load_hf_checkpoint': 'dsv3_lite.checkpoint',
 }
 
 

@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import weakref
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,10 +30,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dsv3_lite.config import ModelArgs, args_to_hf
-from dsv3_lite.fp8 import BLOCK, FP8, weight_quant_ref
+from dsv3_lite.config import ModelArgs, _read_json_object, args_to_hf, official_param_name
+from dsv3_lite.fp8 import BLOCK, FP8, weight_dequant_ref, weight_quant_ref
+from dsv3_lite.model import Transformer, _hf_to_ours
+from dsv3_lite.mtp import _mtp_key_map, add_mtp
 
-__all__ = ['ModelWeight', 'model_weights', 'GB', 'GPU_MEMORY', 'PARALLEL', 'weight_bytes', 'kv_cache_bytes', 'activation_bytes', 'peak_live_bytes', 'plan_memory', 'TensorSpec', 'checkpoint_tensors', 'shard_file', 'CheckpointLayout', 'DEFAULT_SHARD_BYTES', 'checkpoint_layout', 'checkpoint_config', 'random_tensor', 'write_random_checkpoint']
+__all__ = ['ModelWeight', 'model_weights', 'GB', 'GPU_MEMORY', 'PARALLEL', 'weight_bytes', 'kv_cache_bytes', 'activation_bytes', 'peak_live_bytes', 'plan_memory', 'TensorSpec', 'checkpoint_tensors', 'shard_file', 'CheckpointLayout', 'DEFAULT_SHARD_BYTES', 'checkpoint_layout', 'checkpoint_config', 'random_tensor', 'write_random_checkpoint', 'dequantize_fp8', 'checkpoint_files', 'load_plan', 'load_hf_checkpoint', 'load_mtp']
 
 
 # --- notebooks/11_checkpoints.ipynb, cell 10 (id dae44550)
@@ -503,3 +507,376 @@ def write_random_checkpoint(args: ModelArgs, path: str | Path, n_shards: int | N
     (path / "model.safetensors.index.json").write_text(json.dumps(layout.index(), indent=2) + "\n", encoding="utf-8")
     (path / "config.json").write_text(json.dumps(checkpoint_config(args, with_mtp), indent=2) + "\n", encoding="utf-8")
     return layout
+
+
+# --- notebooks/11_checkpoints.ipynb, cell 51 (id 85731264)
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """FP8 block-quantised weight [N, K] and its `weight_scale_inv` [⌈N/128⌉, ⌈K/128⌉] -> `dtype` [N, K]:
+    `W[i, j] = W_fp8[i, j] · scale_inv[i // 128, j // 128]` (the scale multiplies; edge blocks are partial)."""
+    N, K = weight.shape
+    if scale_inv.shape != (_cdiv(N, block), _cdiv(K, block)):
+        raise ValueError(f"dequantize_fp8: weight_scale_inv shape {tuple(scale_inv.shape)} does not fit weight "
+                         f"{tuple(weight.shape)}: expected {(_cdiv(N, block), _cdiv(K, block))}")
+    return weight_dequant_ref(weight, scale_inv.float(), block, dtype)   # 08's reference, after the shape check
+
+
+# --- notebooks/11_checkpoints.ipynb, cell 54 (id 60b9d05d)
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1}   # bytes per element of each safetensors dtype
+
+
+class _Shards:
+    """Reads tensors from the safetensors files of one checkpoint (`files`: tensor name -> file). A file is opened on
+    its first use (`safe_open` maps it and reads its header, not its data) and closed once every tensor of `files`
+    that it holds has been read, or by `release`. Errors name the file and the tensor (`where`: the calling
+    function). `progress`: a tqdm bar over the bytes of `files` (None: on above 1 GB)."""
+
+    def __init__(self, files: dict[str, Path], where: str, progress: bool | None = False):
+        self.files, self.where, self.handles, self.bar = files, where, {}, None
+        self.left = Counter(files.values())                                  # tensors still to read, per file
+        if files and progress is not False:
+            total = sum(self.nbytes(k) for k in files)                       # headers only
+            self.handles.clear()
+            if progress or total > 1e9:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=where)
+
+    def __enter__(self) -> "_Shards":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handles.clear()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _open(self, f: Path):
+        from safetensors import SafetensorError, safe_open
+        if f not in self.handles:
+            try:
+                self.handles[f] = safe_open(f, framework="pt")
+            except SafetensorError as e:
+                raise ValueError(f"{self.where}: {f} is not a valid safetensors file: {e}") from e
+        return self.handles[f]
+
+    def keys(self, f: Path) -> list[str]:
+        return list(self._open(f).keys())
+
+    def _slice(self, key: str):
+        from safetensors import SafetensorError
+        try:
+            return self._open(self.files[key]).get_slice(key)
+        except SafetensorError as e:
+            raise ValueError(f"{self.where}: tensor {key} in {self.files[key]} cannot be read: {e}") from e
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slice(key).get_shape())
+
+    def nbytes(self, key: str) -> int:
+        s = self._slice(key)
+        return math.prod(s.get_shape()) * _ITEMSIZE.get(s.get_dtype(), 1)
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor `key`, read into memory; the last read from a file closes it."""
+        from safetensors import SafetensorError
+        try:
+            t = self._open(self.files[key]).get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"{self.where}: tensor {key} in {self.files[key]} cannot be read: {e}") from e
+        self.done(key, t.nbytes)
+        return t
+
+    def release(self) -> None:
+        """Close every open file: pages already read from a mapped file count as the process's memory until it is
+        closed, so a loader releases the files after each layer."""
+        self.handles.clear()
+
+    def done(self, key: str, nbytes: int = 0) -> None:
+        """Count `key` as read (also for a tensor only looked at): close its file after its last one."""
+        f = self.files[key]
+        self.left[f] -= 1
+        if self.left[f] == 0:
+            self.handles.pop(f, None)
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+
+def checkpoint_files(path: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a transformers-format checkpoint folder, from its
+    model.safetensors.index.json or, without an index, from the keys of every *.safetensors in the folder.
+
+    keep: a filter on tensor names; only the kept tensors' shards must be in the folder, so a partial download
+    serves a loader that needs only part of it. An index that is not JSON or has no `weight_map`, or a file that is
+    not safetensors, raises a ValueError naming it; a needed shard that the folder lacks, a FileNotFoundError."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json_object(index, "checkpoint_files").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"checkpoint_files: {index} has no 'weight_map' (an object: tensor name -> shard file "
+                             "name), which a safetensors index must have")
+        files = {k: path / f for k, f in weight_map.items() if keep is None or keep(k)}
+        absent = sorted({f.name for f in files.values() if not f.is_file()})
+        if absent:
+            raise FileNotFoundError(f"checkpoint_files: {index} names shards that are not in {path}: "
+                                    + ", ".join(absent[:5]) + (f" ... ({len(absent)} in all)" if len(absent) > 5 else "")
+                                    + ("" if keep is None else " (they hold tensors the load needs)"))
+        return files
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"checkpoint_files: no model.safetensors.index.json or *.safetensors in {path}")
+    with _Shards({}, "checkpoint_files") as reader:
+        return {k: f for f in shards for k in reader.keys(f) if keep is None or keep(k)}
+
+
+def _layer_of(name: str) -> int | None:
+    """The layer number of a checkpoint tensor name (`model.layers.3.…` -> 3), None outside the layers."""
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
+
+
+def load_plan(weight_map: dict[str, str | Path], n_layers: int) -> list[tuple[str, list[str]]]:
+    """The tensors a model of `n_layers` layers reads from a checkpoint (`weight_map`: name -> shard), in load order:
+    `("embed", […]), ("layer 0", […]), …, ("head", [final norm, head])`, and `("other", […])` for names that are
+    none of these (a loader reports them). FP8 scales go with their weights; within a group names are sorted by shard,
+    so files are read front to back. Layers >= n_layers (the rest of a truncated model, the MTP module) are left
+    out."""
+    groups: dict[str, list[str]] = {}
+    for name in weight_map:
+        layer, ours = _layer_of(name), official_param_name(name)
+        if layer is not None and layer >= n_layers:
+            continue
+        group = f"layer {layer}" if layer is not None else "embed" if ours.startswith("embed.") else \
+            "head" if ours.split(".")[0] in ("norm", "head") else "other"
+        groups.setdefault(group, []).append(name)
+    order = ["embed", *(f"layer {i}" for i in range(n_layers)), "head", "other"]
+    return [(g, sorted(groups[g], key=lambda k: (str(weight_map[k]), k))) for g in order if g in groups]
+
+
+# --- notebooks/11_checkpoints.ipynb, cell 58 (id ff6b8286)
+def _hf_config(path: Path, where: str) -> dict:
+    """config.json of a transformers-format DeepSeek-V3 folder; another model type raises a ValueError naming it."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{where}: {cfg_file} not found (expected a transformers-format folder)")
+    cfg = _read_json_object(cfg_file, where)
+    if cfg.get("model_type") != "deepseek_v3":
+        raise ValueError(f"{where}: config.json has model_type = {cfg.get('model_type')!r} and architectures = "
+                         f"{cfg.get('architectures')!r}: only 'deepseek_v3' (DeepseekV3ForCausalLM) checkpoints are "
+                         "allowed")
+    return cfg
+
+
+def _fp8_scale(reader: _Shards, key: str, t: torch.Tensor, where: str) -> torch.Tensor:
+    """The `weight_scale_inv` of the FP8 weight `key` (t [N, K]), checked to fit it: [⌈N/128⌉, ⌈K/128⌉] float."""
+    skey = key.removesuffix("weight") + "weight_scale_inv"
+    if skey not in reader.files:
+        raise ValueError(f"{where}: {key} is FP8 but {skey} is missing")
+    s = reader.read(skey)
+    want = (_cdiv(t.shape[0], BLOCK), _cdiv(t.shape[1], BLOCK)) if t.dim() == 2 else None
+    if want is None or tuple(s.shape) != want or not s.dtype.is_floating_point:
+        raise ValueError(f"{where}: {skey} in {reader.files[skey]} ({tuple(s.shape)}, {s.dtype}) does not fit the "
+                         f"weight {key} {tuple(t.shape)}: a float tensor of shape {want} is allowed")
+    return s
+
+
+@torch.no_grad()
+def load_hf_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                       n_layers: int | None = None, mtp: bool = False, progress: bool | None = None,
+                       **overrides) -> Transformer:
+    """A `Transformer` with the weights of a transformers-format DeepSeek-V3 folder (config.json + safetensors).
+
+    dtype: parameter dtype (default: the config's `torch_dtype`/`dtype`, else bfloat16); FP8 weights are dequantised
+        to it with their `weight_scale_inv`. Gate biases stay float32. `"fp8"`: FP8 inference (`use_fp8`): the
+        checkpoint's FP8 weights and block scales are kept as they are (BF16 checkpoints are quantised per 128×128
+        block), everything else (embedding, norms, gate, head) in the config's dtype.
+    n_layers: read only the embedding, the first `n_layers` layers, the final norm and the head (`load_plan`): a
+        truncated model, which needs only those tensors' shards on disk.
+    mtp: also load the multi-token-prediction module (`load_mtp`); otherwise its tensors are skipped and reported.
+    progress: a tqdm bar over bytes (None: on for checkpoints over 1 GB). `overrides` go to
+        `ModelArgs.from_hf_config` (e.g. `max_seq_len=4096, max_batch_size=4`).
+
+    Tensors stream to `device` one at a time, layer by layer; a shard is closed after its last needed tensor.
+    Missing, unexpected, mis-shaped or non-float tensors raise one error that lists them; a file that cannot be read
+    (config.json, a shard, one tensor of a shard) raises a ValueError that names it.
+    """
+    path = Path(path)
+    where = "load_hf_checkpoint"
+    cfg = _hf_config(path, where)
+    keep_fp8 = isinstance(dtype, str) and dtype == "fp8"
+    if dtype is None or keep_fp8:
+        name = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{where}: config.json has torch_dtype = {name!r}, which is not allowed: it must name a "
+                             "torch dtype ('bfloat16'); or give dtype=torch.bfloat16 / torch.float32")
+    if not isinstance(dtype, torch.dtype) or dtype in (torch.float8_e4m3fn, torch.float8_e5m2) \
+            or not dtype.is_floating_point:
+        raise ValueError(f"{where}: dtype = {dtype} is not allowed: use 'fp8' for FP8 inference (FP8 weights kept), "
+                         "or torch.bfloat16 / torch.float32 to dequantise")
+    args = ModelArgs.from_hf_config(cfg, **overrides)
+    total_layers = args.n_layers
+    if n_layers is not None:
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= total_layers:
+            raise ValueError(f"{where}: n_layers = {n_layers!r} is not allowed: an int in [1, {total_layers}] "
+                             f"(num_hidden_layers of {path / 'config.json'})")
+        if mtp and n_layers < total_layers:
+            raise ValueError(f"{where}: mtp=True with n_layers = {n_layers} is not allowed: the MTP module reads the "
+                             f"states of the last layer, so it needs all {total_layers}")
+        args = args.replace(n_layers=n_layers, n_dense_layers=min(args.n_dense_layers, n_layers))
+    if keep_fp8:
+        args = args.replace(dtype="fp8")                   # FP8Linear / FP8Experts, filled without dequantising
+    elif args.dtype == "fp8":
+        args = args.replace(dtype="bf16", scale_fmt=None)   # weights are dequantised below
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(old)
+    model = model.to_empty(device=device)
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    beyond: Counter = Counter()                 # weights (scales aside) per layer past the model (MTP, truncation)
+
+    def needed(key: str) -> bool:
+        layer = _layer_of(key)
+        if layer is not None and layer >= args.n_layers:
+            beyond[layer] += not key.endswith(".weight_scale_inv")
+            return False
+        return True
+
+    files = checkpoint_files(path, keep=needed)
+    filled: set[str] = set()
+    rows_filled: dict[str, set[int]] = {}
+    unexpected, bad, bad_targets, dequantised = [], [], set(), []
+    with _Shards(files, where, progress) as reader:
+        for _, keys in load_plan(files, args.n_layers):
+            for key in keys:
+                if key.endswith(".weight_scale_inv"):
+                    continue                                 # read with its weight
+                ours, row = _hf_to_ours(key, args.n_layers)
+                if ours not in targets:
+                    unexpected.append(f"{key} {reader.shape(key)}")
+                    reader.done(key)
+                    continue
+                t = reader.read(key)
+                dst = targets[ours] if row is None else targets[ours][row]
+                s = None
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    s = _fp8_scale(reader, key, t, where)
+                    if dst.dtype != FP8:                     # a high-precision target: dequantise
+                        t = dequantize_fp8(t, s, dtype=dtype)
+                        dequantised.append(key) if keep_fp8 else None
+                elif not t.dtype.is_floating_point:
+                    bad.append(f"{key} in {files[key].name}: dtype {t.dtype}, a floating-point dtype is allowed")
+                    bad_targets.add(ours)
+                    continue
+                elif dst.dtype == FP8 and tuple(t.shape) == tuple(dst.shape):   # BF16 checkpoint, FP8 model
+                    t, s = weight_quant_ref(t.to(dtype))
+                # FP8 targets: `X.weight` + `X.scale` (FP8Linear), `experts.w1` + `experts.w1_scale` (FP8Experts)
+                sname = (ours.removesuffix("weight") + "scale" if row is None else ours + "_scale") \
+                    if dst.dtype == FP8 else None
+                sdst = None if sname is None else targets[sname] if row is None else targets[sname][row]
+                if tuple(t.shape) != tuple(dst.shape) or (sdst is not None and tuple(s.shape) != tuple(sdst.shape)):
+                    got = f"{tuple(t.shape)}" + ("" if s is None or sdst is None else f" scale {tuple(s.shape)}")
+                    want = f"{tuple(dst.shape)}" + ("" if sdst is None else f" scale {tuple(sdst.shape)}")
+                    bad.append(f"{key} {got} -> {ours}{'' if row is None else f'[{row}]'} {want}")
+                    bad_targets.update({ours} | ({sname} if sname else set()))
+                    continue
+                dst.copy_(t)
+                if sdst is not None:
+                    sdst.copy_(s)
+                for name in (ours, sname):
+                    if name is not None and row is None:
+                        filled.add(name)
+                    elif name is not None:
+                        rows_filled.setdefault(name, set()).add(row)
+            reader.release()                                 # the layer is in place: unmap its shards
+    for name, rows in rows_filled.items():
+        if len(rows) == targets[name].shape[0]:
+            filled.add(name)
+    missing = [f"{n} {tuple(t.shape)}" + (f" (experts {sorted(set(range(t.shape[0])) - rows_filled[n])[:8]} missing)"
+                                          if n in rows_filled else "")
+               for n, t in targets.items() if n not in filled and n not in bad_targets]
+    if missing or unexpected or bad:
+        lines = [f"{title} ({len(items)}): " + "; ".join(items[:10]) + (" ..." if len(items) > 10 else "")
+                 for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape or dtype", bad))
+                 if items]
+        raise ValueError(f"{where}: {path} does not match ModelArgs from its config.json:\n  " + "\n  ".join(lines))
+    if dequantised:
+        print(f"{where}: {len(dequantised)} FP8 tensors dequantised to {dtype}: their layers' input width is not a "
+              "multiple of 128, so they cannot run in FP8 (see use_fp8)")
+    if args.n_layers < total_layers:
+        print(f"{where}: read layers 0 … {args.n_layers - 1} of {total_layers} (n_layers = {args.n_layers}): a "
+              "truncated model")
+    extra = sorted(i for i in beyond if i >= total_layers)
+    if extra and not mtp:
+        print(f"{where}: skipped {sum(beyond[i] for i in extra)} tensors of layer(s) {extra} beyond num_hidden_layers "
+              f"= {total_layers}: the multi-token-prediction module, not part of the main model (mtp=True loads it)")
+    if mtp:
+        load_mtp(model, path, progress=progress)
+    return model.eval()
+
+
+# --- notebooks/11_checkpoints.ipynb, cell 60 (id 6485e4fa)
+@torch.no_grad()
+def load_mtp(model: Transformer, path: str | Path, progress: bool | None = None) -> Transformer:
+    """Read the MTP layers (`model.layers.{num_hidden_layers + k}.*`) of a transformers-format checkpoint folder into
+    `model.mtp` (attached by `add_mtp` if missing); returns the model.
+
+    Weights take the model's dtype (FP8 ones are dequantised with their `weight_scale_inv`); the gate bias stays
+    float32. The checkpoint's copies `embed_tokens` and `shared_head.head` must equal the main model's embedding and
+    head (the module shares them). Only the MTP layers' shards are read. Missing or mis-shaped tensors raise one error
+    listing them.
+    """
+    path, where, n = Path(path), "load_mtp", model.args.n_layers
+    if (path / "config.json").is_file():
+        n_cfg = _read_json_object(path / "config.json", where).get("num_hidden_layers")
+        if n_cfg is not None and n_cfg != n:
+            raise ValueError(f"{where}: config.json has num_hidden_layers = {n_cfg} but the model has n_layers = {n}: "
+                             "load the main model from the same checkpoint")
+    files = checkpoint_files(path, keep=lambda k: _layer_of(k) is not None and _layer_of(k) >= n)
+    present = sorted({_layer_of(k) - n for k in files})
+    if not present:
+        raise ValueError(f"{where}: {path} has no MTP layer (no tensors model.layers.{n}.* beyond num_hidden_layers "
+                         f"= {n})")
+    if not hasattr(model, "mtp"):
+        if model.args.n_mtp_layers < len(present):
+            raise ValueError(f"{where}: the checkpoint has {len(present)} MTP layer(s) but ModelArgs.n_mtp_layers = "
+                             f"{model.args.n_mtp_layers}: build the model with n_mtp_layers={len(present)}")
+        add_mtp(model)
+    dtype = model.head.weight.dtype
+    targets = dict(model.mtp.named_parameters()) | dict(model.mtp.named_buffers())
+    missing, bad_shape = [], []
+    with _Shards(files, where, progress) as reader:
+
+        def read(key: str) -> torch.Tensor:
+            t = reader.read(key)
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                t = dequantize_fp8(t, _fp8_scale(reader, key, t, where), dtype=dtype)
+            return t
+
+        for name, keys in _mtp_key_map(model).items():
+            dst = targets[name]
+            for key, row in keys:
+                if key not in files:
+                    missing.append(key)
+                    continue
+                t = read(key)
+                d = dst if row is None else dst[row]
+                if tuple(t.shape) != tuple(d.shape):
+                    bad_shape.append(f"{key} {tuple(t.shape)} -> mtp {name} {tuple(d.shape)}")
+                    continue
+                d.copy_(t)
+        for k in present:                                       # the copies of the shared embedding and head
+            for key, shared in ((f"model.layers.{n + k}.embed_tokens.weight", model.embed.weight),
+                                (f"model.layers.{n + k}.shared_head.head.weight", model.head.weight)):
+                if key in files and not torch.equal(read(key).to(shared.dtype), shared):
+                    raise ValueError(f"{where}: {key} differs from the main model's tensor, but the MTP module "
+                                     "shares the embedding and the head: load the main model from the same checkpoint")
+    if missing or bad_shape:
+        raise ValueError(f"{where}: {path} does not fit the MTP module: missing ({len(missing)}): "
+                         + "; ".join(missing[:10]) + (f" | wrong shape ({len(bad_shape)}): " + "; ".join(bad_shape[:10])
+                                                      if bad_shape else ""))
+    return model

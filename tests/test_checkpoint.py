@@ -1,10 +1,14 @@
-"""Sizing and layout of checkpoints (notebooks/11_checkpoints.ipynb): the memory planner against the tiny model's real
-allocations and the published 671B numbers, the activation meter, the published layout as an index, and checkpoints
-written in that layout, read by our loaders and by transformers."""
+"""Sizing, layout and reading of checkpoints (notebooks/11_checkpoints.ipynb): the memory planner against the tiny
+model's real allocations and the published 671B numbers, the activation meter, the published layout as an index,
+checkpoints written in that layout, read by our loaders (whole, truncated, streamed) and by transformers."""
 
 import hashlib
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,9 @@ from dsv3_lite.checkpoint import (
     checkpoint_layout,
     checkpoint_tensors,
     kv_cache_bytes,
+    load_hf_checkpoint,
+    load_mtp,
+    load_plan,
     model_weights,
     peak_live_bytes,
     plan_memory,
@@ -27,9 +34,8 @@ from dsv3_lite.checkpoint import (
 )
 from dsv3_lite.config import param_counts
 from dsv3_lite.fp8 import FP8
-from dsv3_lite.model import load_hf_checkpoint
-from dsv3_lite.mtp import load_mtp
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelArgs.preset("tiny")
 V3 = ModelArgs.preset("671B")
 # the published deepseek-ai/DeepSeek-V3 download: tensors and bytes of tensor data in its 163 shards' headers
@@ -305,3 +311,161 @@ def test_transformers_reads_the_written_bf16_checkpoint(tmp_path):
     _, info = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "mtp", dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and info["unexpected_keys"]
     assert all(k.startswith(f"model.layers.{TINY.n_layers}.") for k in info["unexpected_keys"])
+
+
+# --- streaming and truncated loading ------------------------------------------------------------------------------------
+
+def _layer(name):
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
+
+
+def test_load_plan_of_the_671B_index_reads_only_the_first_layers():
+    weight_map = checkpoint_layout(V3, n_shards=PUBLISHED_SHARDS).index()["weight_map"]
+    plan = load_plan(weight_map, 4)
+    assert [g for g, _ in plan] == ["embed", "layer 0", "layer 1", "layer 2", "layer 3", "head"]
+    planned = [k for _, names in plan for k in names]
+    wanted = [k for k in weight_map if _layer(k) is None or _layer(k) < 4]
+    assert sorted(planned) == sorted(wanted) and len(planned) == len(set(planned))
+    assert sorted(dict(plan)["head"]) == ["lm_head.weight", "model.norm.weight"]
+    assert len(dict(plan)["layer 3"]) == 2 * 3 * 256 + 2 * 3 + 2 * 5 + 2 + 2 + 2     # experts, shared, attention, ...
+    for _, names in plan:                                      # names sorted by shard: files are read front to back
+        assert [weight_map[k] for k in names] == sorted(weight_map[k] for k in names)
+    assert len({weight_map[k] for k in planned}) < 10          # a handful of the 163 shards
+    assert all(_layer(k) is None or _layer(k) < 61 for k in load_plan(weight_map, 61)[-1][1])   # MTP layer 61 left out
+
+
+class _CountingSafeOpen:
+    """safe_open that records the name of every tensor read (installed over safetensors.safe_open)."""
+    read: list = []
+    real = None
+
+    def __init__(self, *args, **kwargs):
+        self.f = _CountingSafeOpen.real(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def get_tensor(self, key):
+        _CountingSafeOpen.read.append(key)
+        return self.f.get_tensor(key)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    import safetensors
+
+    _CountingSafeOpen.read, _CountingSafeOpen.real = [], safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", _CountingSafeOpen)
+    return _CountingSafeOpen.read
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_truncated_load_reads_exactly_the_needed_tensors_from_a_partial_download(written, tmp_path, k, counting,
+                                                                                  capsys):
+    path, args, _ = written["fp8"]
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    needed = {k2 for k2 in index if _layer(k2) is None or _layer(k2) < k}
+    part = tmp_path / "part"
+    part.mkdir()
+    for f in ("config.json", "model.safetensors.index.json", *sorted({index[n] for n in needed})):
+        (part / f).symlink_to(path / f)
+    model = load_hf_checkpoint(part, dtype=torch.float32, n_layers=k)
+    assert sorted(counting) == sorted(needed)                   # each needed tensor once, nothing else
+    assert model.args.n_layers == k and len(model.layers) == k
+    if k < args.n_layers:
+        assert f"read layers 0 … {k - 1} of {args.n_layers}" in capsys.readouterr().out
+    full = load_hf_checkpoint(path, dtype=torch.float32)
+    whole = full.state_dict()
+    for name, t in model.state_dict().items():                  # the same numbers as the whole model's first k layers
+        assert torch.equal(t, whole[name]), name
+
+
+def test_truncated_model_is_the_whole_model_cut_after_k_layers(written):
+    path, args, _ = written["bf16"]
+    full = load_hf_checkpoint(path, dtype=torch.float32)
+    two = load_hf_checkpoint(path, dtype=torch.float32, n_layers=2)
+    full.layers = full.layers[:2]                              # the same model, by hand
+    tokens = torch.randint(0, args.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(two(tokens), full(tokens))
+
+
+def test_loading_closes_each_layers_shards(written, monkeypatch):
+    from dsv3_lite import checkpoint
+
+    opened, path = [], written["fp8"][0]
+    release = checkpoint._Shards.release
+
+    def spy(self):
+        opened.append(len(self.handles))
+        release(self)
+
+    monkeypatch.setattr(checkpoint._Shards, "release", spy)
+    load_hf_checkpoint(path, dtype=torch.float32)
+    assert len(opened) == 1 + TINY.n_layers + 1 and max(opened) <= 2   # embed, 4 layers, head; at most 2 files open
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="measures resident memory through /proc (Linux)")
+def test_peak_host_memory_is_one_layer_not_the_checkpoint(tmp_path):
+    out = tmp_path / "load_memory.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_memory.py"), "--out", str(out)], check=True,
+                   capture_output=True, cwd=ROOT)
+    r = json.loads(out.read_text())["result"]
+    assert r["bound_bytes"] == int(1.5 * (r["largest_layer_bytes"] + r["embedding_bytes"]))
+    assert r["checkpoint_bytes"] > 3 * r["bound_bytes"]        # a whole-checkpoint load could not pass unnoticed
+    assert r["streaming_extra_bytes"] <= r["bound_bytes"]
+    assert r["load_file_extra_bytes"] > r["checkpoint_bytes"]   # the meter sees a load that holds the checkpoint
+
+
+def test_progress_bar_counts_bytes(written, capsys):
+    path, _, layout = written["bf16"]
+    load_hf_checkpoint(path, dtype=torch.float32, progress=False)
+    assert capsys.readouterr().err == ""                        # small checkpoints: quiet by default too
+    load_hf_checkpoint(path, dtype=torch.float32, progress=True)
+    err = capsys.readouterr().err
+    main = sum(t.nbytes for t in layout.tensors if (_layer(t.name) or 0) < TINY.n_layers)
+    assert "load_hf_checkpoint: 100%" in err and f"{main / 1e6:.2f}M/{main / 1e6:.2f}M" in err
+
+
+def test_load_mtp_with_the_main_load(written):
+    path, args, _ = written["bf16"]
+    one = load_hf_checkpoint(path, dtype=torch.float32, mtp=True)
+    two = load_mtp(load_hf_checkpoint(path, dtype=torch.float32), path)
+    assert one.state_dict().keys() == two.state_dict().keys()
+    assert all(torch.equal(t, two.state_dict()[n]) for n, t in one.state_dict().items())
+
+
+def test_loader_bad_input(written, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, args, layout = written["fp8"]
+    for bad in (0, 5, True, "2", 1.0):
+        with pytest.raises(ValueError, match=re.escape(f"n_layers = {bad!r} is not allowed: an int in [1, 4]")):
+            load_hf_checkpoint(path, n_layers=bad)
+    with pytest.raises(ValueError, match="mtp=True with n_layers = 2 is not allowed"):
+        load_hf_checkpoint(path, n_layers=2, mtp=True)
+    part = tmp_path / "part"
+    part.mkdir()
+    for f in ("config.json", "model.safetensors.index.json", shard_file(1, 3)):
+        (part / f).symlink_to(path / f)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"names shards that are not in {part}: ")
+                       + ".*" + re.escape("(they hold tensors the load needs)")):
+        load_hf_checkpoint(part)
+    cfg = json.loads((path / "config.json").read_text())
+    state = {k: v for f in layout.files() for k, v in load_file(path / f).items()}
+    wo = "model.layers.0.self_attn.o_proj.weight"
+    for name, change, message in [
+        ("scale", {wo + "_scale_inv": torch.ones(3, 3)}, f"{wo}_scale_inv in "),
+        ("noscale", {wo + "_scale_inv": None}, f"{wo} is FP8 but {wo}_scale_inv is missing"),
+        ("int", {"model.norm.weight": torch.ones(TINY.dim, dtype=torch.int32)},
+         "model.norm.weight in model.safetensors: dtype torch.int32, a floating-point dtype is allowed"),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        changed = {k: v for k, v in (state | change).items() if v is not None}
+        save_file(changed, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(cfg))
+        for dtype in ("fp8", torch.float32):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                load_hf_checkpoint(folder, dtype=dtype)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dsv3_lite import ModelArgs, Transformer, load_hf_checkpoint
+from dsv3_lite.checkpoint import checkpoint_files, dequantize_fp8
 from dsv3_lite.config import param_counts
 from dsv3_lite.fp8 import weight_quant_ref
 from dsv3_lite.generation import generate, sample, top_p_probs
-from dsv3_lite.model import checkpoint_files, dequantize_fp8
 from dsv3_lite.moe import MoE
 
 transformers = pytest.importorskip("transformers")
@@ -292,7 +292,7 @@ def test_bad_input(tmp_path, checkpoints):
     assert "missing (2): " in msg and "head.weight (300, 48)" in msg
     assert "layers.1.ffn.experts.w3 (8, 24, 48) (experts [5] missing)" in msg
     assert "unexpected (1): model.layers.0.mlp.fancy_proj.weight (3,)" in msg
-    assert "wrong shape (1): model.layers.0.self_attn.kv_b_proj.weight (7, 7) -> layers.0.attn.wkv_b.weight" in msg
+    assert "wrong shape or dtype (1): model.layers.0.self_attn.kv_b_proj.weight (7, 7) -> layers.0.attn.wkv_b.weight" in msg
 
 
 def test_token_ids_checked_at_the_boundary():

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from dsv3_lite.checkpoint import load_hf_checkpoint, load_mtp
 from dsv3_lite.config import ModelArgs, param_counts
 from dsv3_lite.generation import generate
-from dsv3_lite.model import Transformer, load_hf_checkpoint
-from dsv3_lite.mtp import add_mtp, load_mtp, mtp_logits, mtp_loss
+from dsv3_lite.model import Transformer
+from dsv3_lite.mtp import add_mtp, mtp_logits, mtp_loss
 from dsv3_lite.speculative import speculative_generate, verify_draft
 
 SMALL = ModelArgs.preset("tiny").replace(vocab_size=512, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=2,
