@@ -14,10 +14,10 @@ Shape letters used in comments across the package:
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ['BPETokenizer', 'RMSNorm', 'ModelArgs', 'Transformer', 'generate', 'load_hf_checkpoint']
+__all__ = ['BPETokenizer', 'RMSNorm', 'ModelArgs', 'Transformer', 'generate', 'convert_checkpoint', 'load_hf_checkpoint', 'save_hf_checkpoint']
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
-    from dsv3_lite.checkpoint import load_hf_checkpoint
+    from dsv3_lite.checkpoint import convert_checkpoint, load_hf_checkpoint, save_hf_checkpoint
     from dsv3_lite.config import ModelArgs
     from dsv3_lite.generation import generate
     from dsv3_lite.model import Transformer
@@ -34,8 +34,10 @@ _MODULE_OF = {  # public name -> the module that defines it, imported on first u
     # --- notebooks/07_model.ipynb, cell 53 (id 0fccd995)
     'Transformer': 'dsv3_lite.model',
     'generate': 'dsv3_lite.generation',
-    # --- notebooks/11_checkpoints.ipynb, cell 80 (id a6b6866e)
+    # --- notebooks/11_checkpoints.ipynb, cell 138 (id a6b6866e)
+    'convert_checkpoint': 'dsv3_lite.checkpoint',
     'load_hf_checkpoint': 'dsv3_lite.checkpoint',
+    'save_hf_checkpoint': 'dsv3_lite.checkpoint',
 }
 
 

@@ -3,6 +3,8 @@
     dsv3-lite prepare --input FILE... --tokenizer PATH --out DIR    text -> DIR/train.bin (+ --val FILE... -> val.bin)
     dsv3-lite train [--data DIR] [--out DIR] [--minutes M | --steps N] [--overwrite]
     dsv3-lite generate --prompt TEXT [--checkpoint FILE] [--speculative] [--temperature T]
+    dsv3-lite convert --hf-ckpt-path DIR --save-path DIR --model-parallel N [--dtype fp8|bf16]   one file per GPU
+    dsv3-lite export --out DIR [--checkpoint FILE] [--max-shard-size 5GB]    checkpoint -> transformers folder
     dsv3-lite demo [--minutes 3]     train on the bundled Shakespeare, sample, compare speculative decoding
 
 `train` never destroys a run: when `--out` holds a checkpoint it continues that run (one that already reached
@@ -33,7 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
-__all__ = ['DEFAULT_OUT', 'DEMO_OUT', 'EXIT_STATUS', 'TRAIN_FLAGS', 'COUNT', 'POSITIVE', 'SEED', 'THREADS', 'cmd_prepare', 'cmd_train', 'cmd_generate', 'cmd_demo', 'build_parser', 'main']
+__all__ = ['DEFAULT_OUT', 'DEMO_OUT', 'EXIT_STATUS', 'TRAIN_FLAGS', 'COUNT', 'POSITIVE', 'SEED', 'THREADS', 'cmd_prepare', 'cmd_train', 'cmd_generate', 'cmd_convert', 'cmd_export', 'cmd_demo', 'build_parser', 'main']
 
 
 # --- notebooks/10_training.ipynb, cell 65 (id 0e22d1a9)
@@ -216,6 +218,30 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from dsv3_lite.checkpoint import convert_checkpoint
+
+    record = convert_checkpoint(a.hf_ckpt_path, a.save_path, a.model_parallel, a.dtype, progress=not a.quiet)
+    n = record["model_parallel"]
+    size = sum(record["files"][f"model{r}-mp{n}.safetensors"] for r in range(n))
+    print(f"{a.save_path}: {n} rank file(s) model{{0..{n - 1}}}-mp{n}.safetensors ({size:,} bytes, {record['dtype']}), "
+          f"{len(record['tokenizer'])} tokenizer file(s), convert.json")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from dsv3_lite.checkpoint import save_hf_checkpoint
+
+    model, tok = _load(a.checkpoint, a.tokenizer)
+    out = save_hf_checkpoint(model, a.out, tokenizer=tok, max_shard_size=a.max_shard_size)
+    shards = sorted(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in shards)
+    print(f"{out}: {len(shards)} safetensors file(s), {size / 1e6:.1f} MB, with config.json and the tokenizer")
+    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained('{out}') and AutoTokenizer.from_pretrained"
+          f"('{out}')")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     import torch
 
@@ -313,6 +339,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=THREADS, default=None)
     debug_flag(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("convert", help="split a transformers-format DeepSeek-V3 checkpoint into one file per GPU (as "
+                       "the official convert.py, MTP module kept)")
+    s.add_argument("--hf-ckpt-path", required=True, metavar="DIR", help="folder with config.json, the safetensors "
+                   "shards and the tokenizer files")
+    s.add_argument("--save-path", required=True, metavar="DIR", help="a new or empty folder (one that holds this very "
+                   "conversion is left as it is)")
+    s.add_argument("--model-parallel", type=COUNT, required=True, metavar="N", help="number of GPUs (ranks); it must "
+                   "divide the routed experts and the heads")
+    s.add_argument("--dtype", choices=("fp8", "bf16"), default="fp8", help="fp8: keep the FP8 weights and their block "
+                   "scales (default); bf16: dequantise them")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    debug_flag(s)
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("export", help="write a trained checkpoint as a transformers folder (AutoModelForCausalLM)")
+    s.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    s.add_argument("--checkpoint", default=f"{DEFAULT_OUT}/checkpoint.safetensors", metavar="FILE")
+    s.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: the one stored in the "
+                   "checkpoint)")
+    s.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="bytes per safetensors file, e.g. 500MB "
+                   "(default: %(default)s, as transformers)")
+    debug_flag(s)
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("demo", help="train for a few minutes, generate, compare speculative decoding")
     train_flags(s, DEMO_OUT, minutes=3.0)
