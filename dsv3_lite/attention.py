@@ -69,11 +69,15 @@ class MLA(nn.Module):
     (training, prefill: the keys are the step's own tokens, so expanding the latent is cheapest); the absorbed
     einsums over the latent cache for the later steps (decoding). `prefill_naive = False` forces the absorbed
     einsums everywhere in the absorbed form (to compare the two).
+
+    `n_local_heads`: the heads this layer computes, all `n_heads` here; `dsv3_lite.parallel` (notebook 12) splits
+    them over ranks, and every reshape and the per-head cache use this count.
     """
 
     def __init__(self, args: ModelArgs, attn_impl: str | None = None):
         super().__init__()
         self.dim, self.n_heads = args.dim, args.n_heads
+        self.n_local_heads = args.n_heads  # heads on this rank (notebook 12 splits them over ranks)
         self.q_lora_rank, self.kv_lora_rank = args.q_lora_rank, args.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = args.qk_nope_head_dim, args.qk_rope_head_dim
         self.qk_head_dim, self.v_head_dim = args.qk_head_dim, args.v_head_dim
@@ -119,8 +123,8 @@ class MLA(nn.Module):
         w = self.kv_norm.weight  # the activations' dtype, also when the projections are stored in FP8 (08)
         kw = dict(device=w.device, dtype=dtype or w.dtype)
         if self.attn_impl == "naive":
-            self.k_cache = torch.zeros(batch_size, seq_len, self.n_heads, self.qk_head_dim, **kw)  # [B, T, H, 192]
-            self.v_cache = torch.zeros(batch_size, seq_len, self.n_heads, self.v_head_dim, **kw)  # [B, T, H, 128]
+            self.k_cache = torch.zeros(batch_size, seq_len, self.n_local_heads, self.qk_head_dim, **kw)  # [B, T, H, 192]
+            self.v_cache = torch.zeros(batch_size, seq_len, self.n_local_heads, self.v_head_dim, **kw)  # [B, T, H, 128]
         else:
             self.kv_cache = torch.zeros(batch_size, seq_len, self.kv_lora_rank, **kw)  # [B, T, c]: c^KV, normalised
             self.pe_cache = torch.zeros(batch_size, seq_len, self.qk_rope_head_dim, **kw)  # [B, T, r]: k^R, rotated
@@ -162,7 +166,7 @@ class MLA(nn.Module):
         # keys attended over: the step's own tokens without a cache; with one, positions [0, start_pos + S), or
         # the whole allocated cache for a tensor start_pos (the rows after it are masked below)
         end = seqlen if cache is None else cache[1] if on_device else start_pos + seqlen
-        H, d_nope, d_v = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
+        H, d_nope, d_v = self.n_local_heads, self.qk_nope_head_dim, self.v_head_dim
         # queries: [q^C ; q^R] per head (eqs. 6-9)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))  # [B, S, H·(nope+r)]
         q_nope, q_pe = q.view(bsz, seqlen, H, self.qk_head_dim).split([d_nope, self.qk_rope_head_dim], -1)
@@ -217,7 +221,7 @@ class MLA(nn.Module):
     def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W^UK [H, nope, c] and W^UV transposed [H, c, v]: views of `wkv_b.weight` (no copy), or, for an FP8
         `wkv_b` (08), its dequantised weight, computed once and kept while the FP8 weight is unchanged."""
-        H, d_nope, c = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        H, d_nope, c = self.n_local_heads, self.qk_nope_head_dim, self.kv_lora_rank
         if hasattr(self.wkv_b, "dequantize"):  # FP8Linear: dequantise once (official: at every call)
             key = (self.wkv_b.weight.data_ptr(), self.wkv_b.weight._version, self.wkv_b.scale._version, dtype)
             if getattr(self, "_wkv_b_key", None) != key:
