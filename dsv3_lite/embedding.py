@@ -49,7 +49,8 @@ class Embedding(nn.Module):
 class Head(nn.Module):
     """Untied output head `logits = h W_headᵀ` (official `head`, a `ColumnParallelLinear`; HF `lm_head`).
 
-    Logits are returned in float32, as the official model does (it casts with `.float()` before sampling).
+    Logits are returned in float32, whatever the weights' dtype, so sampling and the loss see the same numbers on any
+    device (the official head returns them in the default dtype: bf16 in its generate.py).
     """
 
     def __init__(self, args: ModelArgs):

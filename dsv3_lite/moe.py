@@ -240,7 +240,7 @@ class MoE(nn.Module):
         return y.view(shape)
 
 
-# --- notebooks/06_moe.ipynb, cell 47 (id b2454642)
+# --- notebooks/06_moe.ipynb, cell 48 (id b2454642)
 def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Tokens routed to each expert: indices [..., k] -> counts [E] (long).
 
@@ -266,7 +266,7 @@ def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float = 1e-3) -> 
     return bias.add_(gamma * torch.sign(load.mean() - load))
 
 
-# --- notebooks/06_moe.ipynb, cell 52 (id bd697bb0)
+# --- notebooks/06_moe.ipynb, cell 53 (id bd697bb0)
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float = 1e-4) -> torch.Tensor:
     """Complementary sequence-wise balance loss ([V3] eqs. 17-20), averaged over the batch.
 
