@@ -279,7 +279,10 @@ class FP8Experts(nn.Module):
     `forward(x [N, D], weights [N, k], indices [N, k], impl="sorted") -> [N, D]`, per expert like the official code:
     `Σ_j weights[t, j] · w2(silu(w1 x) ⊙ w3 x)`, each product an FP8 GEMM with activations quantised per 1×128 tile
     (`scale_fmt="ue8m0"`: power-of-two activation scales, V3.1). `impl="sorted"` groups the (token, expert) pairs by
-    expert with one sort; `impl="loop"` finds each expert's tokens with `torch.where`, as `experts_loop` does.
+    expert with one sort; `impl="loop"` finds each expert's tokens with `torch.where`, as `experts_loop` does;
+    `impl="grouped"` runs `fp8_experts_grouped` of `dsv3_lite.kernels.fp8` (all experts in one launch per matrix, no
+    host read of the routing, so a CUDA graph can capture it) wherever the Triton kernels run on x (compiled on a
+    CUDA GPU, the interpreter on a CPU), and "sorted" elsewhere.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, scale_fmt: str | None = None, device=None):
@@ -326,9 +329,11 @@ class FP8Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 impl: str = "sorted") -> torch.Tensor:
-        if impl not in ("sorted", "loop"):
-            raise ValueError(f"FP8Experts: impl = {impl!r} is not allowed: choose 'sorted' or 'loop'")
+        if impl not in ("sorted", "loop", "grouped"):
+            raise ValueError(f"FP8Experts: impl = {impl!r} is not allowed: choose 'sorted', 'loop' or 'grouped'")
         self._check_inputs(x, weights, indices)
+        if impl == "grouped" and _grouped_runs_here(x):
+            return self._grouped(x, weights, indices)
         xq, xs = act_quant_ref(x, scale_fmt=self.scale_fmt)          # [N, D] fp8, [N, D/128]: tiles are rows, so
         y = torch.zeros_like(x)                                      # quantising before any gather is exact
         if impl == "loop":
@@ -374,6 +379,12 @@ class FP8Experts(nn.Module):
             start += n
         return y.index_add_(0, token, ys * weights.flatten()[order, None].to(x.dtype))   # gate weight last
 
+    def _grouped(self, x, weights, indices):
+        """All experts through the grouped FP8 kernels: no host read of the routing (CUDA-graph safe)."""
+        from dsv3_lite.kernels.fp8 import fp8_experts_grouped  # the Triton kernels, imported on first use
+        return fp8_experts_grouped(x.contiguous(), weights, indices, self.w1, self.w1_scale, self.w2,
+                                   self.w2_scale, self.w3, self.w3_scale, self.scale_fmt)
+
     def _apply(self, fn, recurse=True):
         return _apply_keeping_dtype(self, ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale"), fn, recurse)
 
@@ -382,7 +393,14 @@ class FP8Experts(nn.Module):
                 "128x128 block scales" + (f", scale_fmt={self.scale_fmt}" if self.scale_fmt else ""))
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 71 (id 9d5a7b26)
+def _grouped_runs_here(x: torch.Tensor) -> bool:
+    """Whether `impl="grouped"` can run the Triton kernels on `x`: compiled for a CUDA tensor, or the interpreter for
+    a CPU tensor."""
+    mode = triton_mode()
+    return (mode == "compiled" and x.is_cuda) or (mode == "interpreter" and x.device.type == "cpu")
+
+
+# --- notebooks/08_fp8_kernels.ipynb, cell 85 (id 9d5a7b26)
 def use_fp8(module: nn.Module, scale_fmt: str | None = None) -> nn.Module:
     """Store the big matrices of `module` in FP8, in place (what `Transformer` does for `ModelArgs.dtype == "fp8"`).
 

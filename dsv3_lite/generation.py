@@ -199,8 +199,9 @@ class DecodeGraph:
     `DecodeGraph(model, tokens, start_pos)` warms the step up on a side stream, then captures it
     (`torch.cuda.CUDAGraph`); `graph(tokens, start_pos)` copies the ids and the position into the static buffers,
     replays, and returns the static logits tensor (overwritten by the next call). Needs a CUDA model whose KV cache is
-    allocated (`setup_cache`) and stays allocated, absorbed attention, and bf16 MoE experts (float32 and FP8 experts
-    read routing counts on the host). The warm-up runs the given step for real: pass the actual next step.
+    allocated (`setup_cache`) and stays allocated, absorbed attention, and MoE experts that read nothing on the host:
+    bf16 experts, or FP8 experts with `impl = "grouped"` (notebook 08; float32 experts and the other FP8 paths read
+    routing counts on the host). The warm-up runs the given step for real: pass the actual next step.
     """
 
     @torch.no_grad()
@@ -223,7 +224,7 @@ class DecodeGraph:
         except RuntimeError as e:
             raise RuntimeError("DecodeGraph: capturing the decode step failed; every operation of the step must run "
                                "without reading device values on the host (.item(), .tolist(), bool(tensor)), "
-                               f"e.g. bf16 experts rather than float32 or FP8 ones: {e}") from e
+                               f"e.g. bf16 experts, or FP8 experts with impl='grouped', rather than float32 ones: {e}") from e
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
