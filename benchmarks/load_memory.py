@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import cpu_name, run_info  # noqa: E402  (benchmarks/timing.py)
+from timing import cpu_name, run_info, write_record  # noqa: E402  (benchmarks/timing.py)
 
 from dsv3_lite import ModelArgs  # noqa: E402
 from dsv3_lite.checkpoint import _layer_of, write_random_checkpoint  # noqa: E402
@@ -98,10 +98,7 @@ def main() -> None:
               "config": f"tiny preset, n_layers=6, 32 routed experts of width 512, BF16, {N_SHARDS} shards",
               "torch": torch.__version__, "result": result}
     print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(record, indent=2) + "\n")
-        print("wrote", a.out)
+    write_record(a.out, record)
 
 
 if __name__ == "__main__":

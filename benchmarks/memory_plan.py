@@ -23,7 +23,6 @@ Usage:  python benchmarks/memory_plan.py --out benchmarks/results/memory_plan_h2
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import cpu_name, run_info  # noqa: E402  (benchmarks/timing.py)
+from timing import cpu_name, run_info, write_record  # noqa: E402  (benchmarks/timing.py)
 
 import dsv3_lite.kernels  # noqa: E402
 from dsv3_lite import ModelArgs, Transformer  # noqa: E402
@@ -164,10 +163,7 @@ def main() -> None:
         config = "tiny preset; 'all MoE': n_dense_layers=0; '16 heads': n_heads=16"
     record = {**run_info(cuda=torch.version.cuda), "benchmark": "benchmarks/memory_plan.py", "machine": machine,
               "config": config, "results": results}
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(record, indent=2) + "\n")
-        print("wrote", a.out)
+    write_record(a.out, record)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import median_ms, run_info  # noqa: E402  (benchmarks/timing.py)
+from timing import median_ms, run_info, step_ms  # noqa: E402  (benchmarks/timing.py)
 
 import dsv3_lite.kernels  # noqa: E402
 from dsv3_lite import ModelArgs, Transformer  # noqa: E402
@@ -79,26 +78,6 @@ def build_models(args: ModelArgs, device: str, dtype: torch.dtype):
 def cuda_ms(fn, device: str) -> float:
     """Median milliseconds of fn() (do_bench on CUDA; median of 3 on CPU)."""
     return median_ms(fn, device, rep_ms=300)
-
-
-def step_ms(step, before, n: int, device: str) -> float:
-    """Median milliseconds of step() over n calls; before() runs between calls, untimed."""
-    times = []
-    for _ in range(n):
-        before()
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def greedy_diagnosis(model: Transformer, prompt: torch.Tensor, n: int, device: str) -> dict:
@@ -210,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             0, args.vocab_size, (1, a.context), device=device)
         tok = torch.randint(0, args.vocab_size, (1, 1), device=device)
         ours(ctx, 0, last_only=True)  # fills positions [0, context)
-        ms_ours = step_ms(lambda: ours(tok, a.context, last_only=True), lambda: None, a.steps, device)
+        ms_ours = step_ms(lambda: ours(tok, a.context, last_only=True), a.steps, device)
         ms_graph, graph_check = None, {}
         if device == "cuda":  # the same step as a CUDA graph (attends over the whole cache of seq = context + 1 rows)
             eager_logits = ours(tok, a.context, last_only=True).float()
@@ -221,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                 "bitwise_equal": bool(torch.equal(graph_logits, eager_logits)),
                 "same_argmax": bool((graph_logits.argmax(-1) == eager_logits.argmax(-1)).all())}
             print("CUDA graph step vs eager step:", graph_check, flush=True)
-            ms_graph = step_ms(lambda: graph(tok, a.context), lambda: None, a.steps, device)
+            ms_graph = step_ms(lambda: graph(tok, a.context), a.steps, device)
             del graph
         ours.reset_cache()
         cache = hf(input_ids=ctx, use_cache=True, logits_to_keep=1).past_key_values
@@ -237,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                 cache.crop(-extra)
 
         hf_step()
-        ms_hf = step_ms(hf_step, crop, a.steps, device)
+        ms_hf = step_ms(hf_step, a.steps, device, before=crop)
         if cache.get_seq_length() != a.context + 1:
             raise SystemExit(f"transformers' cache holds {cache.get_seq_length()} tokens, expected {a.context + 1}")
         for impl, ms in (("transformers", ms_hf), ("dsv3_lite", ms_ours), ("dsv3_lite + CUDA graph", ms_graph)):

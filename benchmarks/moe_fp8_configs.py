@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from timing import cpu_name, gpu_warmup, median_ms, run_info  # noqa: E402  (benchmarks/timing.py)
+from timing import cpu_name, gpu_warmup, median_ms, run_info, write_record  # noqa: E402  (benchmarks/timing.py)
 
 import dsv3_lite.kernels  # noqa: E402
 
@@ -84,10 +84,7 @@ def main() -> None:
     record = {**run_info(cuda=torch.version.cuda), "benchmark": "benchmarks/moe_fp8_configs.py",
               "machine": {"gpu": torch.cuda.get_device_name(), "cpu": cpu_name(), "platform": platform.platform()},
               "config": f"{E} experts, top-{k}, dim {D} -> {I}, random uniform routing", "results": results}
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(record, indent=2) + "\n")
-        print("wrote", a.out)
+    write_record(a.out, record)
 
 
 if __name__ == "__main__":

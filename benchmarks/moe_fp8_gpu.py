@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from timing import gpu_warmup, median_ms, run_info  # noqa: E402  (benchmarks/timing.py)
+from timing import gpu_warmup, median_ms, run_info, step_ms, write_record  # noqa: E402  (benchmarks/timing.py)
 
 import dsv3_lite.kernels  # noqa: E402
 
@@ -130,25 +128,6 @@ def layer_bench(n_tokens: int, E: int, k: int, D: int, I: int, device: str, chec
     return out
 
 
-def step_ms(step, n: int, device: str) -> float:
-    """Median milliseconds of step() over n calls (CUDA events on a GPU)."""
-    times = []
-    for _ in range(n):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def grouped_model(model: Transformer) -> None:
     """Run every MoE layer's FP8 experts grouped."""
     for m in model.modules():
@@ -231,9 +210,7 @@ def main(argv: list[str] | None = None) -> None:
            "moe_layer": layers, "slice": sl}
     if device == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
-    print("wrote", a.out)
+    write_record(a.out, out)
 
 
 if __name__ == "__main__":

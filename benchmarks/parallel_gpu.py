@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import cpu_name, gpu_warmup, median_ms, run_info  # noqa: E402  (benchmarks/timing.py)
+from timing import cpu_name, gpu_warmup, median_ms, run_info, step_ms, write_record  # noqa: E402  (benchmarks/timing.py)
 
 import dsv3_lite.kernels  # noqa: E402
 from dsv3_lite import ModelArgs, Transformer  # noqa: E402
@@ -57,27 +56,6 @@ def build(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0) -> Tr
             return Transformer(args).eval()
     finally:
         torch.set_default_dtype(old)
-
-
-def step_ms(step, n: int, device: str) -> float:
-    """Median milliseconds of step() over n calls (CUDA events on a GPU)."""
-    times = []
-    for _ in range(n):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -186,10 +164,7 @@ def main() -> None:
               "config": ("tiny preset" if a.small else "671B preset") + ", n_layers=2, n_dense_layers=1",
               "results": results}
     torch.distributed.destroy_process_group()
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(record, indent=2) + "\n")
-        print("wrote", a.out)
+    write_record(a.out, record)
 
 
 if __name__ == "__main__":

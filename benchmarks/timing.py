@@ -1,11 +1,15 @@
 """Helpers shared by the benchmark scripts: `median_ms`, the median of `triton.testing.do_bench` on CUDA (it flushes L2
-between calls) or of three wall-clock runs on CPU (for the scripts' --small checks); `gpu_warmup`, run before the
-first timing so a cold GPU's clocks do not slow the first rows; `cpu_name`, the CPU model recorded with CPU results;
-`run_info`, what every results file records about the run (git commit, uncommitted changes, date, versions)."""
+between calls) or of three wall-clock runs on CPU (for the scripts' --small checks); `step_ms`, the median of single
+calls timed with CUDA events (decode steps, which must not be repeated back to back without a reset); `gpu_warmup`,
+run before the first timing so a cold GPU's clocks do not slow the first rows; `cpu_name`, the CPU model recorded
+with CPU results; `run_info`, what every results file records about the run (git commit, uncommitted changes, date,
+versions); `write_record`, the results file itself."""
 
 import datetime
 import importlib.metadata
+import json
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +30,30 @@ def median_ms(fn, device: str, rep_ms: int = 200) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[1]
+
+
+def step_ms(step, n: int, device: str, before=None) -> float:
+    """Median milliseconds of step() over n calls, each timed alone: CUDA events on a GPU, the wall clock on a CPU.
+    before(), if given, runs before each call, untimed."""
+    import torch
+
+    times = []
+    for _ in range(n):
+        if before is not None:
+            before()
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def gpu_warmup(seconds: float = 2.0) -> None:
@@ -80,3 +108,13 @@ def run_info(**versions: str | None) -> dict:
     return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "versions": installed | versions}
+
+
+def write_record(path: Path | None, record: dict) -> None:
+    """Write a results record as indented JSON at `path` (its folder created), and say where; nothing without a
+    path."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print("wrote", path)
