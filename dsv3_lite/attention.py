@@ -27,7 +27,7 @@ from dsv3_lite.rope import apply_rotary_emb
 __all__ = ['causal_mask', 'MLA', 'kv_cache_per_token']
 
 
-# --- notebooks/04_mla.ipynb, cell 17 (id abe933f0)
+# --- notebooks/04_mla.ipynb, cell 18 (id abe933f0)
 def causal_mask(seq_len: int, start_pos: int = 0, device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive causal mask [S, start_pos + S]: 0 where query `start_pos + s` may see key `t` (t <= start_pos + s),
@@ -43,7 +43,7 @@ def causal_mask(seq_len: int, start_pos: int = 0, device: torch.device | str | N
     return torch.full((seq_len, start_pos + seq_len), float("-inf"), device=device, dtype=dtype).triu_(start_pos + 1)
 
 
-# --- notebooks/04_mla.ipynb, cell 20 (id 7b4c54e0)
+# --- notebooks/04_mla.ipynb, cell 21 (id 7b4c54e0)
 class MLA(nn.Module):
     """Multi-head latent attention ([V3] §2.1.1 eqs. 1-11; official `MLA`; HF `DeepseekV3Attention`).
 
@@ -233,7 +233,7 @@ class MLA(nn.Module):
         return w[:, :d_nope], w[:, d_nope:].mT
 
 
-# --- notebooks/04_mla.ipynb, cell 40 (id 46ca5984)
+# --- notebooks/04_mla.ipynb, cell 41 (id 46ca5984)
 def kv_cache_per_token(args: ModelArgs, head_dim: int | None = None, gqa_groups: int = 8) -> dict[str, int]:
     """KV-cache elements per token over all layers, for `args`' MLA forms and, for comparison, an MHA / GQA / MQA
     model with the same heads and layers (`head_dim` defaults to qk_nope_head_dim, 128 for V3)."""

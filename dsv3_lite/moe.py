@@ -109,7 +109,7 @@ def experts_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     return y
 
 
-# --- notebooks/06_moe.ipynb, cell 32 (id 19d94eb1)
+# --- notebooks/06_moe.ipynb, cell 33 (id 19d94eb1)
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` runs `a` [M, K] @ `w` [E, N, K]ᵀ: CUDA bf16 on sm_80+, or a recent CPU build; rows,
     strides and pointers aligned to 16 bytes."""
@@ -159,7 +159,7 @@ def experts_sorted(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
     return torch.zeros_like(x).index_add_(0, token, ys)                   # [N, D]: sum each token's k rows
 
 
-# --- notebooks/06_moe.ipynb, cell 34 (id f3637bf3)
+# --- notebooks/06_moe.ipynb, cell 35 (id f3637bf3)
 def experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """Routed experts for a handful of tokens (CPU decoding), pair by pair; same result as `experts_loop`.
@@ -176,7 +176,7 @@ def experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     return y
 
 
-# --- notebooks/06_moe.ipynb, cell 40 (id df71bf9f)
+# --- notebooks/06_moe.ipynb, cell 41 (id df71bf9f)
 class Experts(nn.Module):
     """The routed experts of one MoE layer, stacked: `w1`, `w3` [E, I, D], `w2` [E, D, I] (expert e = `w*[e]`).
 
@@ -240,7 +240,7 @@ class MoE(nn.Module):
         return y.view(shape)
 
 
-# --- notebooks/06_moe.ipynb, cell 48 (id b2454642)
+# --- notebooks/06_moe.ipynb, cell 49 (id b2454642)
 def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Tokens routed to each expert: indices [..., k] -> counts [E] (long).
 
@@ -266,7 +266,7 @@ def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float = 1e-3) -> 
     return bias.add_(gamma * torch.sign(load.mean() - load))
 
 
-# --- notebooks/06_moe.ipynb, cell 53 (id bd697bb0)
+# --- notebooks/06_moe.ipynb, cell 54 (id bd697bb0)
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float = 1e-4) -> torch.Tensor:
     """Complementary sequence-wise balance loss ([V3] eqs. 17-20), averaged over the batch.
 
