@@ -194,3 +194,99 @@ def test_fp8_layers_compiled_keep_nan_like_the_reference_path():
         got, got_e = layer.cuda()(x.cuda()).cpu(), f8.cuda()(xe.cuda(), w.cuda(), idx.cuda()).cpu()
     assert ref.isnan().all(-1).tolist() == [False, False, True, False] and torch.equal(got.isnan(), ref.isnan())
     assert torch.equal(ref_e.isnan().any(-1), torch.arange(37) == 5) and torch.equal(got_e.isnan(), ref_e.isnan())
+
+
+# Offsets past 2^31 elements: operands a few rows beyond what an int32 element offset reaches, and the rows at the end
+# compared with the references run on those rows alone (a wrapped offset reads and writes elsewhere, or faults).
+# One launch per kernel; the largest buffers are float32 outputs of 8.6 GB.
+
+LIMIT = 2**31
+K_BIG = 7168
+M_BIG = LIMIT // K_BIG + 64                    # 299,657 rows: the last 64 reach past 2^31 (in M·K, and M·N for N = 7168)
+N_BIG = 128 * (LIMIT // (128 * K_BIG) + 2)     # 299,776 rows, 2342 blocks: the last one past 2^31, the one before across
+SIMPLE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4)
+
+
+@pytest.fixture(scope="module")
+def big_x():
+    """x [M_BIG, 7168] bf16 (4.3 GB) and its act_quant (a [M_BIG, 7168] fp8, a_s [M_BIG, 56])."""
+    x = torch.randn(M_BIG, K_BIG, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > LIMIT and (M_BIG - 64) * K_BIG < LIMIT
+    return (x, *KF.act_quant(x))
+
+
+@pytest.fixture(scope="module")
+def big_w():
+    """w [N_BIG, 7168] bf16 (4.3 GB) and its weight_quant (q [N_BIG, 7168] fp8, s [2342, 56])."""
+    w = torch.randn(N_BIG, K_BIG, device="cuda", dtype=torch.bfloat16)
+    assert w.numel() > LIMIT and (N_BIG - 256) * K_BIG < LIMIT
+    return (w, *KF.weight_quant(w))
+
+
+def test_act_quant_past_2_31_elements(big_x):
+    x, a, a_s = big_x
+    a_ref, s_ref = act_quant_ref(x[-128:])                  # the last 128 rows: 64 before the limit, 64 past it
+    assert same_fp8(a[-128:], a_ref) and same_values(a_s[-128:], s_ref)
+
+
+def test_weight_quant_and_dequant_past_2_31_elements(big_w):
+    w, q, s = big_w
+    q_ref, s_ref = weight_quant_ref(w[-256:])                # the last two 128-row blocks: across the limit, past it
+    assert same_fp8(q[-256:], q_ref) and same_values(s[-2:], s_ref)
+    d = KF.weight_dequant(q, s, dtype=torch.float32)          # [N_BIG, 7168], 8.6 GB
+    assert same_values(d[-256:], weight_dequant_ref(q[-256:], s[-2:], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("config", [
+    SIMPLE,
+    dict(BLOCK_M=64, BLOCK_N=128, SPLIT_K=2, num_warps=4, num_stages=4),      # float32 atomics into C
+    dict(kernel="tma", BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, programs=264),
+    pytest.param(GLUON, marks=gluon),
+], ids=["simple", "split_k", "tma", "gluon"])
+def test_fp8_gemm_past_2_31_elements_of_a_and_c(big_x, config):
+    """A [M_BIG, 7168] @ B [7168, 7168].T: both A and C have more than 2^31 elements."""
+    _, a, a_s = big_x
+    b, b_s = KF.weight_quant(torch.randn(K_BIG, K_BIG, device="cuda"))
+    c = KF.fp8_gemm(a, a_s, b, b_s, torch.float32, config=config)
+    assert rel(c[-128:], _ref(a[-128:], a_s[-128:], b, b_s)) < 5e-4
+
+
+def test_fp8_linear_fused_past_2_31_elements(big_x):
+    """The fused kernel quantises rows of a bf16 A [M_BIG, 7168] itself."""
+    x = big_x[0]
+    b, b_s = KF.weight_quant(torch.randn(K_BIG, K_BIG, device="cuda"))
+    y = KF.fp8_linear(x, b, b_s, fused=True, config=SIMPLE)                    # [M_BIG, 7168] bf16
+    assert rel(y[-128:], _ref(*act_quant_ref(x[-128:]), b, b_s)) < 5e-3
+
+
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
+    dict(kernel="tma", BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
+    pytest.param(GLUON, marks=gluon),
+], ids=["simple", "tma", "gluon"])
+def test_fp8_gemm_past_2_31_elements_of_b(big_w, config):
+    """A [64, 7168] @ B [N_BIG, 7168].T: the weight has more than 2^31 elements (an LM-head-like shape)."""
+    _, q, s = big_w
+    a, a_s = KF.act_quant(torch.randn(64, K_BIG, device="cuda"))
+    c = KF.fp8_gemm(a, a_s, q, s, torch.float32, config=config)               # [64, N_BIG]
+    assert rel(c[:, -256:], _ref(a, a_s, q[-256:], s[-2:])) < 5e-4
+
+
+def test_grouped_gemm_past_2_31_elements(big_x):
+    """Two row tiles at the end of a padded C [M_pad, 7168] past 2^31 elements, gathering the last rows of A
+    [M_BIG, 7168]; every earlier tile has expert -1 and does nothing."""
+    _, a, a_s = big_x
+    BM, E = 64, 2
+    T = LIMIT // (BM * K_BIG) + 2                              # 4683 tiles: M_pad = 299,712 rows
+    w, w_s = (torch.stack(t) for t in zip(*[KF.weight_quant(torch.randn(K_BIG, K_BIG, device="cuda"))
+                                            for _ in range(E)], strict=True))   # [2, 7168, 7168] fp8
+    tile_expert = torch.full((T,), -1, dtype=torch.int32, device="cuda")
+    tile_expert[-E:] = torch.arange(E, dtype=torch.int32)
+    rows = torch.zeros(T * BM, dtype=torch.int32, device="cuda")
+    rows[-E * BM:] = torch.arange(M_BIG - E * BM, M_BIG, dtype=torch.int32)   # the last rows of A, across the limit
+    assert (T - E) * BM * K_BIG < LIMIT < T * BM * K_BIG
+    c = KF.fp8_grouped_gemm(a, a_s, w, w_s, tile_expert, torch.float32, rows=rows)   # [M_pad, 7168]
+    for e in range(E):                                         # tile T - E + e: expert e, A's rows r
+        r = slice(M_BIG - (E - e) * BM, M_BIG - (E - e - 1) * BM)
+        got = c[(T - E + e) * BM:(T - E + e + 1) * BM]
+        assert rel(got, _ref(a[r], a_s[r], w[e], w_s[e])) < 5e-4, e

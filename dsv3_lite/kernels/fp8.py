@@ -99,7 +99,7 @@ def _act_quant_kernel(
     UE8M0: tl.constexpr,        # round scales up to powers of two
     SOFT_FP8: tl.constexpr,     # e4m3 conversions in software (the interpreter)
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)   # int64: rows · K can pass 2^31
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = rows[:, None] < M
     x = tl.load(X + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -159,7 +159,7 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
 def _block(N, K, BLOCK_SIZE: tl.constexpr):
     """This program's 128×128 block of a row-major [N, K] matrix: element offsets [128, 128] and the in-bounds mask
     (edge blocks are partial)."""
-    rows = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)   # int64: rows · K can pass 2^31
     cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     return rows[:, None] * K + cols[None, :], (rows[:, None] < N) & (cols[None, :] < K)
 
@@ -278,8 +278,8 @@ def _fp8_gemm_kernel(
     rm = tl.where(offs_m < M, offs_m, 0)                      # rows past the edge read row 0, never stored:
     rn = tl.where(offs_n < N, offs_n, 0)                      # the loads need no mask
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rm[:, None] * K + offs_k[None, :]
-    b_ptrs = B + rn[:, None] * K + offs_k[None, :]
+    a_ptrs = A + rm.to(tl.int64)[:, None] * K + offs_k[None, :]   # int64 row offsets, cast once per program:
+    b_ptrs = B + rn.to(tl.int64)[:, None] * K + offs_k[None, :]   # M·K, N·K and M·N can pass 2^31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(k_lo, k_hi):
         b = tl.load(b_ptrs + kb * BLOCK_K)                                # [BLOCK_N, 128] fp8
@@ -289,7 +289,7 @@ def _fp8_gemm_kernel(
             a = tl.load(a_ptrs + kb * BLOCK_K)                            # [BLOCK_M, 128] fp8
             a_s = tl.load(A_s + rm * nkb + kb)                            # [BLOCK_M]
         acc += _dot_e4m3(a, b, SOFT_FP8) * _block_scale(a_s, B_s, pid_n, rn, kb, nkb, BLOCK_N, BLOCK_K)
-    c_ptrs = C + offs_m[:, None] * N + offs_n[None, :]
+    c_ptrs = C + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
@@ -322,7 +322,7 @@ def _fp8_gemm_tma_kernel(
             b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])                  # [BLOCK_N, 128] fp8 past the edges
             s = _block_scale(tl.load(A_s + rm * nkb + kb), B_s, pid_n, rn, kb, nkb, BLOCK_N, BLOCK_K)
             acc += _dot_e4m3(a, b, SOFT_FP8) * s
-        c_ptrs = C + offs_m[:, None] * N + offs_n[None, :]
+        c_ptrs = C + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]   # int64: M·N can pass 2^31
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -611,8 +611,9 @@ def _fp8_grouped_gemm_kernel(
         rn = tl.where(offs_n < N, offs_n, 0)                     # columns past N read column 0, never stored
         a_ptrs = A + ra.to(tl.int64)[:, None] * K + offs_k[None, :]
         w_off = e.to(tl.int64) * N * K                           # expert e's matrix (E·N·K can pass 2^31)
-        b_ptrs = B + w_off + rn[:, None] * K + offs_k[None, :]
-        b2_ptrs = B2 + w_off + rn[:, None] * K + offs_k[None, :]
+        rk = rn.to(tl.int64)[:, None] * K                        # [BLOCK_N, 1] row offsets in w[e]
+        b_ptrs = B + w_off + rk + offs_k[None, :]
+        b2_ptrs = B2 + w_off + rk + offs_k[None, :]
         s_off = e * tl.cdiv(N, BLOCK_K) * nkb                    # expert e's block scales
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
