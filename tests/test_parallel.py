@@ -200,6 +200,23 @@ def test_parallelize_on_meta_holds_only_the_rank_slices():
         parallel.parallelize(model, rank=0, world_size=4)
 
 
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+def test_the_671B_model_cut_for_one_of_8_ranks_holds_what_the_planner_counts(dtype):
+    """The full configuration, cut on the meta device for rank 3 of 8 (no memory used): its parameters and buffers
+    are, to the byte, notebook 11's `weight_bytes` for one of 8 GPUs (85.1 GB in FP8)."""
+    args = ModelArgs.preset("671B", dtype=dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = parallel.parallelize(Transformer(args), rank=3, world_size=8)
+    finally:
+        torch.set_default_dtype(old)
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert held == checkpoint.weight_bytes(args, 8, weights=dtype)["total"]
+    assert model.layers[3].ffn.experts_start_idx == 96 and model.layers[0].attn.n_local_heads == 16
+
+
 @pytest.mark.parametrize("args, world_size, message", [
     (TINY, 3, "world_size = 3 is not allowed: it must divide n_heads = 4 and vocab_size = 2048 and n_routed_experts "
               "= 8 and n_shared_experts \\* moe_inter_dim = 128, which the ranks split; allowed for this ModelArgs: "
