@@ -1,23 +1,14 @@
 """12 · Parallelism: one model cut across GPUs
 
-Tensor and expert parallelism for DeepSeek-V3 with `torch.distributed`, as the official inference code cuts the
-model: `ParallelEmbedding` and `ParallelHead` (vocabulary), `ColumnParallelLinear` and `RowParallelLinear` and their
-FP8 forms (128×128 scale blocks cut whole), MLA split by heads (`MLA.n_local_heads`), dense and shared FFNs split by
-columns and rows, and `ParallelMoE` (routed experts partitioned over ranks, one all-reduce per layer). `parallelize`
-cuts a `Transformer` (with its MTP module) for one rank, on the meta device or on real weights;
-`load_rank_checkpoint` reads only a rank's part of a transformers-format folder or of the per-rank files of
-`dsv3-lite convert`. Also: the all-to-all dispatch form of the MoE (`moe_all_to_all`) and its bytes per layer
-(`moe_comm_bytes`), the communication model of both forms on real links (`layer_comm_bytes`, `comm_time_ms`),
-collectives that name a lost rank, and `launch`, which runs a function on W CPU processes (gloo).
-`dsv3_lite.infer` is the launcher, the official `generate.py`'s command line:
-`torchrun --nproc-per-node N -m dsv3_lite.infer --ckpt-path DIR [--interactive | --input-file F]`, with the
-checkpoint's chat template, gloo on CPUs and NCCL on GPUs.
-
-Official code: `ParallelEmbedding`, `ColumnParallelLinear`, `RowParallelLinear`, `MLA.n_local_heads`, `MoE`
-(`experts_start_idx`, `n_local_experts`) and `Transformer` (the head's `all_gather`) in `inference/model.py`;
-`convert.py` for the cut of each tensor; `generate.py` for the launcher. transformers has no tensor-parallel plan for DeepseekV3. Divergences: the
-MoE sums its shared expert's partial output with the routed experts' and reduces once (official: twice); logits for
-every position, gathered on every rank (official: the last position).
+DeepSeek-V3 does not fit on one GPU, so each GPU (a *rank*) holds a slice of every large tensor and the ranks
+exchange partial results. This notebook cuts the model the way DeepSeek's inference code does: the vocabulary of the
+embedding and head, the attention heads, the columns and rows of the feed-forward matrices, and whole routed experts
+per rank (`ParallelEmbedding`, `ParallelHead`, `ColumnParallelLinear`, `RowParallelLinear` and their FP8 forms,
+`ParallelMoE`). `parallelize` turns a `Transformer` into one rank's part, on the meta device or on real weights, and
+`load_rank_checkpoint` reads only that part of a checkpoint. Real processes (`launch`, gloo on CPUs) show the cut
+model gives the single-process logits; `moe_all_to_all` is the other way to spread experts, and `layer_comm_bytes`
+and `comm_time_ms` say what each way costs on real links. `dsv3_lite.infer` launches generation with `torchrun`:
+`torchrun --nproc-per-node N -m dsv3_lite.infer --ckpt-path DIR [--interactive | --input-file F]`.
 
 Reference: [docs/deepseek_v3.md §4.2, §4.6, §5.3 and §5.4](../docs/deepseek_v3.md#54-the-cut-across-ranks).
 
