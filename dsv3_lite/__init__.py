@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
 _MODULE_OF = {  # public name -> the module that defines it, imported on first use
     # --- notebooks/00_tokenization.ipynb, cell 67 (id b0b6fd5f)
     'BPETokenizer': 'dsv3_lite.tokenizer',
-    # --- notebooks/01_rmsnorm.ipynb, cell 48 (id ae3f0562)
+    # --- notebooks/01_rmsnorm.ipynb, cell 50 (id ae3f0562)
     'RMSNorm': 'dsv3_lite.norm',
     # --- notebooks/02_embeddings.ipynb, cell 56 (id 7b255cee)
     'ModelArgs': 'dsv3_lite.config',

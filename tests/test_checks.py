@@ -60,3 +60,24 @@ def test_learner_copies_have_no_solutions_and_no_outputs(tmp_path):
     rms = json.loads((tmp_path / "01_rmsnorm.ipynb").read_text())["cells"]
     exercise = next("".join(c["source"]) for c in rms if "def my_rms_norm" in "".join(c["source"]))
     assert PLACEHOLDER in exercise and "torch.rsqrt" not in exercise
+
+
+@pytest.mark.parametrize("name", ["03_rope", "05_ffn"])
+def test_a_learner_copy_runs_to_its_exercise_and_says_not_yet(tmp_path, name):
+    """A learner copy, executed as a learner would (Run All): every cell before the exercise runs without an error, and
+    the blank exercise prints the checker's "not yet" line, not a traceback. Two short notebooks stand for all (they
+    differ from the executed course notebooks only in the blanked cells, the learner_mode cell and their folder)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_learner_copies.py"), "--out", str(tmp_path)],
+                   capture_output=True, text=True, check=True)
+    assert (tmp_path / "figures").is_dir()                    # the diagrams the notebooks link to
+    nb = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, allow_errors=True, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    blank = next(i for i, c in enumerate(code) if "NotImplementedError" in c.source)
+    for c in code[:blank]:
+        assert not [o for o in c.outputs if o.output_type == "error"], c.source[:200]
+    said = "".join(o.get("text", "") for o in code[blank].outputs)
+    assert "✗ not yet: exercise: write your solution here" in said
+    assert not [o for o in code[blank].outputs if o.output_type == "error"]
