@@ -29,7 +29,7 @@ _MODULE_OF = {  # public name -> the module that defines it, imported on first u
     'BPETokenizer': 'dsv3_lite.tokenizer',
     # --- notebooks/01_rmsnorm.ipynb, cell 50 (id ae3f0562)
     'RMSNorm': 'dsv3_lite.norm',
-    # --- notebooks/02_embeddings.ipynb, cell 56 (id 7b255cee)
+    # --- notebooks/02_embeddings.ipynb, cell 58 (id 7b255cee)
     'ModelArgs': 'dsv3_lite.config',
     # --- notebooks/07_model.ipynb, cell 53 (id 0fccd995)
     'Transformer': 'dsv3_lite.model',

@@ -45,7 +45,7 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)  # [B, S, D]
 
 
-# --- notebooks/02_embeddings.ipynb, cell 49 (id c5b22baf)
+# --- notebooks/02_embeddings.ipynb, cell 48 (id c5b22baf)
 class Head(nn.Module):
     """Untied output head `logits = h W_headᵀ` (official `head`, a `ColumnParallelLinear`; HF `lm_head`).
 
