@@ -1,16 +1,9 @@
-"""12 · Parallelism: one model cut across GPUs
+"""The torchrun launcher, the official `generate.py`'s command line:
+`torchrun --nproc-per-node N -m dsv3_lite.infer --ckpt-path DIR [--interactive | --input-file F]`. Every rank builds
+its part of the model (`dsv3_lite.parallel`), rank 0 reads the prompts (a file, or a chat rendered with the
+checkpoint's chat template) and prints; gloo on CPUs, NCCL on GPUs.
 
-DeepSeek-V3 does not fit on one GPU, so each GPU (a *rank*) holds a slice of every large tensor and the ranks
-exchange partial results. This notebook cuts the model the way DeepSeek's inference code does: the vocabulary of the
-embedding and head, the attention heads, the columns and rows of the feed-forward matrices, and whole routed experts
-per rank (`ParallelEmbedding`, `ParallelHead`, `ColumnParallelLinear`, `RowParallelLinear` and their FP8 forms,
-`ParallelMoE`). `parallelize` turns a `Transformer` into one rank's part, on the meta device or on real weights, and
-`load_rank_checkpoint` reads only that part of a checkpoint. Real processes (`launch`, gloo on CPUs) show the cut
-model gives the single-process logits; `moe_all_to_all` is the other way to spread experts, and `layer_comm_bytes`
-and `comm_time_ms` say what each way costs on real links. `dsv3_lite.infer` launches generation with `torchrun`:
-`torchrun --nproc-per-node N -m dsv3_lite.infer --ckpt-path DIR [--interactive | --input-file F]`.
-
-Reference: [docs/deepseek_v3.md §4.2, §4.6, §5.3 and §5.4](../docs/deepseek_v3.md#54-the-cut-across-ranks).
+Reference: docs/deepseek_v3.md §5.4 (the cut across ranks).
 
 Generated from notebooks/12_parallelism.ipynb.
 """
