@@ -10,6 +10,8 @@ Providers, all timed in one process with the median of `triton.testing.do_bench`
   fp8_gemm    dsv3_lite.kernels.fp8.fp8_gemm on pre-quantised operands (autotuned per M bucket, warmed up first)
   aq_gemm     act_quant + fp8_gemm (activation quantisation on every call)
   linear      fp8_linear(fused=True): both in one kernel, for M <= 512
+For M <= 512 also: the GPU time from CUDA-graph replays (no host overhead) and `host_us`, the host time of one eager
+call (Python, argument checks and the kernel launch) for bf16, cuBLAS block-scaled, fp8_gemm and act_quant.
 Every provider is checked before it is timed: relative Frobenius error against a float32 GEMM of the dequantised
 operands (only accumulation order and the bf16 output differ: ~3e-3) and against the unquantised product (~0.037).
 
@@ -119,6 +121,22 @@ def graph_us(fn, copies=1, trials=5, reps=10):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / (reps * copies))
     return sorted(times)[len(times) // 2]
+
+
+def host_us(fn, calls=200, trials=5):
+    """Host time per eager call: `calls` calls back to back, no synchronisation inside the loop, median of `trials`.
+    The launches are asynchronous, so while the GPU keeps up (the queue never fills in 200 calls) the loop's wall time
+    is the Python + launch time per call; the GPU's own time is measured separately (graph_us)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return round(sorted(times)[trials // 2], 2)
 
 
 def fn_copy(fn, case, i):
@@ -242,6 +260,12 @@ def main() -> None:
                    "linear_fused": bench(lambda: KF.fp8_linear(case.x, case.bq, case.b_s, fused=True), case,
                                          graph=small) if small else {},
                    "act_quant": bench(lambda: KF.act_quant(case.x), case, out_check=False, graph=small)}
+            if small:   # decode sizes: host time per eager call, where it can exceed the GPU time
+                row["host_us"] = {
+                    "bf16": host_us(lambda: case.x @ case.w.t()),
+                    "cublas_bw": host_us(lambda: cublas_blockwise(case.aq, case.a_s, case.bq, case.b_s)),
+                    "fp8_gemm": host_us(lambda: KF.fp8_gemm(case.aq, case.a_s, case.bq, case.b_s)),
+                    "act_quant": host_us(lambda: KF.act_quant(case.x))}
             row["config"] = KF.tuned_config(M, N, K)
             row["config_fused"] = KF.tuned_config(M, N, K, fused=True)
             if M <= 128:
@@ -271,6 +295,8 @@ def main() -> None:
             if "fp8_gemm" + sfx in g and "cublas_bw" + sfx in g:
                 g["fp8_gemm_over_cublas_bw" + sfx] = round(g["fp8_gemm" + sfx] / g["cublas_bw" + sfx], 3)
                 g["fp8_gemm_over_bf16" + sfx] = round(g["fp8_gemm" + sfx] / g["bf16" + sfx], 3)
+        if all("host_us" in r for r in rs):
+            g["host_us_median"] = {k: sorted(r["host_us"][k] for r in rs)[len(rs) // 2] for k in rs[0]["host_us"]}
         summary[str(M)] = g
     rec["geomean_tflops"] = summary
     save()

@@ -290,3 +290,30 @@ def test_grouped_gemm_past_2_31_elements(big_x):
         r = slice(M_BIG - (E - e) * BM, M_BIG - (E - e - 1) * BM)
         got = c[(T - E + e) * BM:(T - E + e + 1) * BM]
         assert rel(got, _ref(a[r], a_s[r], w[e], w_s[e])) < 5e-4, e
+
+
+def test_fp8_gemm_compiles_once_per_bucket():
+    """Two row counts of one M bucket (65 and 100 round up to 128), one a multiple of 16 and one not, run the same
+    compiled kernel: M is not specialised, and the direct launch path reuses it."""
+    N, K = 384, 512
+    b, b_s = KF.weight_quant(torch.randn(N, K, device="cuda"))
+    cfg = KF.gemm_candidates(100, N, K)[0]
+    kernel = KF._fp8_gemm_kernel
+    for M in (65, 96, 100):
+        a, a_s = KF.act_quant(torch.randn(M, K, device="cuda"))
+        got = KF.fp8_gemm(a, a_s, b, b_s, torch.float32, config=cfg)
+        assert rel(got, fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < 5e-4
+        assert rel(KF.fp8_gemm(a, a_s, b, b_s, torch.float32, config=cfg), got) == 0   # the direct launch
+        if M == 65:
+            compiled = sum(len(cache[0]) for cache in kernel.device_caches.values())
+    assert sum(len(cache[0]) for cache in kernel.device_caches.values()) == compiled
+    def act_quant_variants():
+        return sum(len(cache[0]) for cache in KF._act_quant_kernel.device_caches.values())
+    KF.act_quant(torch.randn(33, K, device="cuda"))
+    before = act_quant_variants()
+    for M in (48, 50, 1):   # act_quant: any row count, the same compiled kernel
+        x = torch.randn(M, K, device="cuda")
+        y, s = KF.act_quant(x)
+        y_ref, s_ref = act_quant_ref(x)
+        assert same_fp8(y, y_ref) and torch.equal(s, s_ref)
+    assert act_quant_variants() == before
