@@ -40,7 +40,10 @@ class _TritonMissing:
     def __init__(self, reason: str):
         self.reason = reason
 
-    def jit(self, fn):
+    def jit(self, fn=None, **options):
+        """`@triton.jit` and `@triton.jit(do_not_specialize=...)` alike."""
+        if fn is None:
+            return lambda fn: _MissingKernel(fn, self.reason)
         return _MissingKernel(fn, self.reason)
 
     def __getattr__(self, name):
