@@ -1,15 +1,14 @@
 """04 · Multi-head latent attention (MLA)
 
-Multi-head latent attention of DeepSeek-V3 ([V3] §2.1.1, eqs. 1-11; derivation in [V2] §2.1.2-2.1.3). `MLA`
-compresses keys and values into one 512-value latent per token plus a 64-value RoPE key shared by all heads (the
-query through its own 1536-value latent), and computes attention in two forms: **naive** (per-head K and V; training
-and prefill) and **absorbed** (`wkv_b` folded into the query and output paths, only the latent and the RoPE key
-cached, 576 values per token per layer; decoding). With it: `causal_mask` and `kv_cache_per_token`.
+To write each new token, attention looks back at the keys and values of all earlier tokens, so a model keeps them
+in memory: the KV cache. For a model as wide as DeepSeek-V3 this cache, not the weights, is what limits long
+contexts and large batches. Multi-head latent attention (MLA) stores one small compressed vector per token instead,
+from which every head rebuilds its keys and values, plus one small position (RoPE) key shared by all heads. This
+notebook derives MLA step by step from ordinary attention, then builds `MLA` with its two forms: **naive** (rebuild
+the keys and values; for training and prompts) and **absorbed** (fold the rebuilding into the query and the output;
+for generating), together with `causal_mask` and `kv_cache_per_token`.
 
-Official: `MLA` in `inference/model.py` (`attn_impl = "naive" | "absorb"`); transformers: `DeepseekV3Attention`.
-Divergences: the KV cache is allocated by `setup_cache`, never at construction (DeepSeek-V3#332); the mask is
-`[S, start_pos + S]`, correct for multi-token steps on a non-empty cache (DeepSeek-V3 PR #1536). The layer does not
-validate its inputs at each call: the model checks them once per step (`Transformer.hidden`, notebook 07).
+Official: `MLA` in `inference/model.py` ([V3] §2.1.1, eqs. 1-11); transformers: `DeepseekV3Attention`.
 
 Reference: [docs/deepseek_v3.md §4.4, §3.2 and §6.7–§6.11](../docs/deepseek_v3.md#44-multi-head-latent-attention).
 
@@ -43,7 +42,7 @@ def causal_mask(seq_len: int, start_pos: int = 0, device: torch.device | str | N
     return torch.full((seq_len, start_pos + seq_len), float("-inf"), device=device, dtype=dtype).triu_(start_pos + 1)
 
 
-# --- notebooks/04_mla.ipynb, cell 21 (id 7b4c54e0)
+# --- notebooks/04_mla.ipynb, cell 26 (id 7b4c54e0)
 class MLA(nn.Module):
     """Multi-head latent attention ([V3] §2.1.1 eqs. 1-11; official `MLA`; HF `DeepseekV3Attention`).
 
@@ -222,7 +221,9 @@ class MLA(nn.Module):
         """W^UK [H, nope, c] and W^UV transposed [H, c, v]: views of `wkv_b.weight` (no copy), or, for an FP8
         `wkv_b` (08), its dequantised weight, computed once and kept while the FP8 weight is unchanged."""
         H, d_nope, c = self.n_local_heads, self.qk_nope_head_dim, self.kv_lora_rank
-        if hasattr(self.wkv_b, "dequantize"):  # FP8Linear: dequantise once (official: at every call)
+        if hasattr(self.wkv_b, "dequantize") and self.wkv_b.weight.is_inference():
+            w = self.wkv_b.dequantize(dtype)  # made under torch.inference_mode(): no version counter to key a copy on
+        elif hasattr(self.wkv_b, "dequantize"):  # FP8Linear: dequantise once (official: at every call)
             key = (self.wkv_b.weight.data_ptr(), self.wkv_b.weight._version, self.wkv_b.scale._version, dtype)
             if getattr(self, "_wkv_b_key", None) != key:
                 self._wkv_b_deq, self._wkv_b_key = self.wkv_b.dequantize(dtype), key
@@ -233,7 +234,7 @@ class MLA(nn.Module):
         return w[:, :d_nope], w[:, d_nope:].mT
 
 
-# --- notebooks/04_mla.ipynb, cell 41 (id 46ca5984)
+# --- notebooks/04_mla.ipynb, cell 45 (id 46ca5984)
 def kv_cache_per_token(args: ModelArgs, head_dim: int | None = None, gqa_groups: int = 8) -> dict[str, int]:
     """KV-cache elements per token over all layers, for `args`' MLA forms and, for comparison, an MHA / GQA / MQA
     model with the same heads and layers (`head_dim` defaults to qk_nope_head_dim, 128 for V3)."""

@@ -1,20 +1,15 @@
 """11 · Checkpoints: what the real weights need, and how they are stored
 
-Sizing and layout of the real DeepSeek-V3 weights. `plan_memory` gives the bytes one GPU needs to run a
-configuration on W GPUs (weights in FP8 or BF16, the absorbed-MLA KV cache, the peak activations of a prefill,
-workspace) under the official split: embedding and head cut over the vocabulary, attention heads over ranks, dense
-and shared FFNs by columns and rows, routed experts partitioned. `model_weights` lists the tensors and how each is
-cut; `peak_live_bytes` measures activation memory on any device, a CPU included. `checkpoint_layout` describes a
-checkpoint exactly as the published `deepseek-ai/DeepSeek-V3` repository stores it (163 shards, per-expert
-tensors, FP8 e4m3 weights with float32 `weight_scale_inv`, the MTP module as layer 61) without any data, and
-`write_random_checkpoint` writes one with random weights for small configurations. `load_hf_checkpoint` streams a
-checkpoint layer by layer onto a device (all layers, or the first k of a partial download; FP8 kept or
-dequantised) and `load_mtp` adds the MTP module; `convert_checkpoint` (`dsv3-lite convert`) writes one file per GPU
-under the official names and cuts, MTP module kept, and `gather_converted` reads them back; `save_hf_checkpoint`
-(`dsv3-lite export`) writes a model of ours as a folder that transformers loads.
+DeepSeek-V3's released weights fill 163 files, 689 GB: more than one GPU holds, and more than a computer should
+read into memory at once. This notebook first sizes the real model without downloading it: the bytes of every
+tensor, how the official code shares them out over W GPUs, and how many GPUs the weights, the KV cache and the
+activations need (`plan_memory`). Then it works with the files themselves: it writes checkpoints in the exact
+published format (random weights, small models), streams one into our model a layer at a time
+(`load_hf_checkpoint`), cuts one into a file per GPU (`convert_checkpoint`), and writes a model of ours as a folder
+that transformers loads (`save_hf_checkpoint`). These are the steps between the weights on the Hugging Face Hub
+and a model running on a rack of GPUs.
 
-Official code: `ParallelEmbedding`, `ColumnParallelLinear`, `RowParallelLinear` and `MoE` in `inference/model.py`
-(the split over ranks), `convert.py` and `fp8_cast_bf16.py` (conversion); transformers:
+Official counterparts: `convert.py` and the parallel layers of `inference/model.py`; in transformers,
 `DeepseekV3ForCausalLM.from_pretrained` and `save_pretrained`.
 
 Reference: [docs/deepseek_v3.md §3.1, §3.2 and §5](../docs/deepseek_v3.md#5-checkpoint-layout).
@@ -128,7 +123,7 @@ def model_weights(a: ModelArgs, n_mtp: int = 0) -> list[ModelWeight]:
     return out
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 15 (id 830c71c2)
+# --- notebooks/11_checkpoints.ipynb, cell 17 (id 830c71c2)
 GB = 10**9  # decimal gigabyte: GPU memory and download sizes are quoted in it
 GPU_MEMORY = {"H200 (141 GB)": 141 * GB, "80 GB card": 80 * GB}  # capacity per GPU, as sold
 PARALLEL = ("tp", "ep", "tp+ep")   # how ranks share the model, see `plan_memory`
@@ -225,7 +220,7 @@ def weight_bytes(a: ModelArgs, world_size: int = 1, weights: str = "fp8", parall
     return out
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 22 (id 7253edc6)
+# --- notebooks/11_checkpoints.ipynb, cell 25 (id 7253edc6)
 def _rank_batch(batch: int, world_size: int, parallel: str) -> int:
     """Sequences whose attention one rank computes: all when the heads are split, its share with 'ep'."""
     return _cdiv(batch, world_size) if parallel == "ep" else batch
@@ -244,7 +239,7 @@ def kv_cache_bytes(a: ModelArgs, world_size: int = 1, batch: int = 1, seq_len: i
     return 2 * _rank_batch(batch, world_size, parallel) * seq_len * (a.kv_lora_rank + a.qk_rope_head_dim) * layers
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 28 (id e3eff9c0)
+# --- notebooks/11_checkpoints.ipynb, cell 31 (id e3eff9c0)
 def activation_bytes(a: ModelArgs, world_size: int = 1, weights: str = "fp8", batch: int = 1, seq_len: int = 4096,
                      parallel: str = "tp+ep") -> dict[str, int]:
     """Peak bytes of the activations of one forward pass over `batch` × `seq_len` new tokens (a prefill), per phase
@@ -285,7 +280,7 @@ def activation_bytes(a: ModelArgs, world_size: int = 1, weights: str = "fp8", ba
     return phases | {"peak": max(p for name, p in phases.items() if name != "logits") + phases["logits"]}
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 30 (id a26b7f62)
+# --- notebooks/11_checkpoints.ipynb, cell 33 (id a26b7f62)
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of the storages that operations create while the mode is on, and their peak. A storage
     stops counting when the last tensor viewing it is garbage (one `weakref.finalize` per tensor)."""
@@ -334,7 +329,7 @@ def peak_live_bytes(fn, *args, **kwargs) -> tuple[object, int]:
     return result, meter.peak
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 34 (id 656abd72)
+# --- notebooks/11_checkpoints.ipynb, cell 37 (id 656abd72)
 def plan_memory(args: ModelArgs, world_size: int = 1, weights: str = "fp8", batch: int = 1, seq_len: int = 4096,
                 parallel: str = "tp+ep", mtp: bool = False, reserve: int = 2 * 2**30) -> dict[str, int]:
     """Bytes per GPU to run `args` on `world_size` GPUs: `weights`, `kv_cache`, `activations`, `workspace`, `total`.
@@ -364,7 +359,7 @@ def plan_memory(args: ModelArgs, world_size: int = 1, weights: str = "fp8", batc
             "total": w["total"] + kv + act + workspace, "params": w["params"], "replicated": w["replicated"]}
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 41 (id 28518867)
+# --- notebooks/11_checkpoints.ipynb, cell 44 (id 28518867)
 class TensorSpec(NamedTuple):
     """One tensor of a checkpoint without its data: name, shape, dtype; `nbytes` its size."""
     name: str
@@ -453,7 +448,7 @@ def checkpoint_layout(args: ModelArgs, n_shards: int | None = None, with_mtp: bo
     return CheckpointLayout(tensors, shards, n)
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 46 (id 102b938b)
+# --- notebooks/11_checkpoints.ipynb, cell 49 (id 102b938b)
 def checkpoint_config(args: ModelArgs, with_mtp: bool = True) -> dict:
     """`config.json` for a checkpoint of `args`, in the published file's form: transformers-4 `rope_scaling` with a
     top-level `rope_theta`, `torch_dtype: "bfloat16"`, `num_nextn_predict_layers`, and for FP8 the
@@ -529,7 +524,7 @@ def write_random_checkpoint(args: ModelArgs, path: str | Path, n_shards: int | N
     return layout
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 51 (id 85731264)
+# --- notebooks/11_checkpoints.ipynb, cell 54 (id 85731264)
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """FP8 block-quantised weight [N, K] and its `weight_scale_inv` [⌈N/128⌉, ⌈K/128⌉] -> `dtype` [N, K]:
@@ -541,7 +536,7 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = B
     return weight_dequant_ref(weight, scale_inv.float(), block, dtype)   # 08's reference, after the shape check
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 54 (id 60b9d05d)
+# --- notebooks/11_checkpoints.ipynb, cell 57 (id 60b9d05d)
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
              "I8": 1, "U8": 1, "BOOL": 1}   # bytes per element of each safetensors dtype
 
@@ -673,7 +668,7 @@ def load_plan(weight_map: dict[str, str | Path], n_layers: int) -> list[tuple[st
     return [(g, sorted(groups[g], key=lambda k: (str(weight_map[k]), k))) for g in order if g in groups]
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 58 (id ff6b8286)
+# --- notebooks/11_checkpoints.ipynb, cell 63 (id ff6b8286)
 def _hf_config(path: Path, where: str) -> dict:
     """config.json of a transformers-format DeepSeek-V3 folder; another model type raises a ValueError naming it."""
     cfg_file = path / "config.json"
@@ -839,7 +834,7 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
     return model.eval()
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 60 (id 6485e4fa)
+# --- notebooks/11_checkpoints.ipynb, cell 66 (id 6485e4fa)
 @torch.no_grad()
 def load_mtp(model: Transformer, path: str | Path, progress: bool | None = None) -> Transformer:
     """Read the MTP layers (`model.layers.{num_hidden_layers + k}.*`) of a transformers-format checkpoint folder into
@@ -902,7 +897,7 @@ def load_mtp(model: Transformer, path: str | Path, progress: bool | None = None)
     return model
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 78 (id 3213c886)
+# --- notebooks/11_checkpoints.ipynb, cell 84 (id 3213c886)
 CONVERT_RECORD = "convert.json"          # the record of a finished conversion, written last
 CONVERT_FORMAT = "dsv3_lite.convert"     # its `format` field
 _CUT_DIM = {"embed": 0, "head": 0, "wq": 0, "wq_b": 0, "wkv_b": 0, "w1": 0, "w3": 0,   # ColumnParallel (rows)
@@ -952,7 +947,7 @@ def _expert_of(name: str) -> int | None:
     return int(parts[i + 1]) if i >= 0 and parts[i + 1].isdigit() else None
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 83 (id 9d0df059)
+# --- notebooks/11_checkpoints.ipynb, cell 92 (id 9d0df059)
 def _check_model_parallel(n: int, args: ModelArgs, specs: dict[str, tuple[str, tuple[int, ...]]],
                           dtype: str) -> None:
     """Refuse a rank count `n` that the cuts cannot make, naming the field or tensor and the counts allowed.
@@ -987,7 +982,7 @@ def _check_model_parallel(n: int, args: ModelArgs, specs: dict[str, tuple[str, t
         raise ValueError(f"convert_checkpoint: model_parallel = {n} is not allowed: {why} (allowed: {allowed})")
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 86 (id 370a0a52)
+# --- notebooks/11_checkpoints.ipynb, cell 95 (id 370a0a52)
 _FLOAT = ("F64", "F32", "F16", "BF16")      # safetensors dtypes kept as they are
 
 
@@ -1026,7 +1021,7 @@ def _source_specs(reader: _Shards, args: ModelArgs, path: Path, where: str) -> d
     return {t.name: got[t.name] for t in expected}
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 89 (id ba8a6d4d)
+# --- notebooks/11_checkpoints.ipynb, cell 98 (id ba8a6d4d)
 class _RankLayout(NamedTuple):
     """One rank file: its first bytes (length + JSON header), each tensor's byte offset in the file, its size."""
     head: bytes
@@ -1077,7 +1072,7 @@ def _convert_record(cfg: dict, args: ModelArgs, specs: dict[str, tuple[str, list
     return record, layouts
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 91 (id 43adbedb)
+# --- notebooks/11_checkpoints.ipynb, cell 100 (id 43adbedb)
 def _folder_files(save: Path, tokenizer: list[str], where: str) -> list[Path]:
     """The files in `save` that a conversion writes (to replace); a file as save path, a folder holding anything
     else, and temporaries of another running process are refused."""
@@ -1155,7 +1150,7 @@ def _check_free_space(save: Path, need: int, reclaimed: int, where: str) -> None
         raise e
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 93 (id c9f87784)
+# --- notebooks/11_checkpoints.ipynb, cell 102 (id c9f87784)
 def _write(f, offset: int, t: torch.Tensor) -> None:
     """Write the bytes of tensor `t` (little-endian, row-major, as safetensors stores them) at `offset` of file f."""
     f.seek(offset)
@@ -1214,7 +1209,7 @@ def _stream(reader: _Shards, record: dict, layouts: list[_RankLayout], handles: 
         reader.release()                                                     # the group is written: unmap its shards
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 95 (id 2d6ba525)
+# --- notebooks/11_checkpoints.ipynb, cell 104 (id 2d6ba525)
 @torch.no_grad()
 def convert_checkpoint(hf_ckpt_path: str | Path, save_path: str | Path, model_parallel: int, dtype: str = "fp8",
                        progress: bool | None = None) -> dict:
@@ -1290,7 +1285,7 @@ def convert_checkpoint(hf_ckpt_path: str | Path, save_path: str | Path, model_pa
     return record
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 103 (id d66db4c1)
+# --- notebooks/11_checkpoints.ipynb, cell 114 (id d66db4c1)
 def gather_converted(path: str | Path) -> dict[str, torch.Tensor]:
     """The source checkpoint's tensors (source names, as stored) rebuilt from a folder `convert_checkpoint` wrote:
     cut tensors concatenated along their dim, routed experts from their rank, the MTP copies from the tensors they
@@ -1322,7 +1317,7 @@ def gather_converted(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 110 (id 7efeed44)
+# --- notebooks/11_checkpoints.ipynb, cell 121 (id 7efeed44)
 def _hf_keys(model: Transformer) -> dict[str, list[tuple[str, int | None]]]:
     """Our parameter or buffer name -> [(checkpoint key, expert row or None)] for every tensor of `model`, its MTP
     module included: `layers.1.ffn.experts.w1` [E, I, D] -> `model.layers.1.mlp.experts.{e}.gate_proj.weight`, row e;
@@ -1370,7 +1365,7 @@ def _hf_tensors(model: Transformer, where: str) -> dict[str, torch.Tensor]:
     return {key: tensors[key] for key in order if key in tensors}
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 114 (id 0b691fa4)
+# --- notebooks/11_checkpoints.ipynb, cell 125 (id 0b691fa4)
 _SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -1410,7 +1405,7 @@ def _shard_names(n_shards: int) -> list[str]:
     return [f"model-{k:05d}-of-{n_shards:05d}.safetensors" for k in range(1, n_shards + 1)]
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 117 (id d3b65e81)
+# --- notebooks/11_checkpoints.ipynb, cell 128 (id d3b65e81)
 def _check_tokenizer(tokenizer: BPETokenizer | str | Path | None, vocab_size: int) -> BPETokenizer | None:
     """`tokenizer` as a `BPETokenizer` (a path is read with `BPETokenizer.from_file`: a missing file raises a
     FileNotFoundError), or None. Another type, or more tokens than the embedding has rows, raises a ValueError."""
@@ -1467,7 +1462,7 @@ def _export_config(model: Transformer, tensors: dict[str, torch.Tensor], tokeniz
     return files
 
 
-# --- notebooks/11_checkpoints.ipynb, cell 120 (id e569e9f6)
+# --- notebooks/11_checkpoints.ipynb, cell 131 (id e569e9f6)
 def _fsync(path: Path) -> None:
     """Flush a file, or a folder's entries, to the disk (only POSIX systems can open a folder to flush it)."""
     if path.is_dir() and os.name != "posix":

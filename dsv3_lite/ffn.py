@@ -1,12 +1,13 @@
 """05 · SwiGLU feed-forward network
 
-The gated feed-forward network of DeepSeek-V3: `FFN(x) = W2 (SiLU(W1 x) ⊙ W3 x)`.
+After attention has mixed information between tokens, every layer of DeepSeek-V3 runs a small network on each
+token separately: the feed-forward network (FFN). DeepSeek-V3 uses the gated form SwiGLU,
+`FFN(x) = W2 (SiLU(W1 x) ⊙ W3 x)`: two projections of the token, one of which opens or closes the other, and a
+third back to the model width. The same block is the dense FFN of the first three layers and, narrower, every
+expert of the mixture of experts (notebook 06), so most of the model's parameters sit in copies of it. This
+notebook builds it from the SiLU activation up and exports `MLP`.
 
-Used as the dense FFN of the first `n_dense_layers` layers (3 in V3, inner width 18432), and, with inner width
-`moe_inter_dim` (2048), as every routed and shared expert of DeepSeekMoE (arXiv:2412.19437 §2.1.2, eq. 12;
-GLU variants: Shazeer 2020, arXiv:2002.05202). Official code: `MLP` and `Expert` in `inference/model.py`
-(`w1`, `w2`, `w3`); transformers: `DeepseekV3MLP` (`gate_proj` = w1, `down_proj` = w2, `up_proj` = w3).
-No divergence: the same three bias-free linears in the same order.
+Official: `MLP` and `Expert` in `inference/model.py` (the V3 report §2.1.2, eq. 12); transformers: `DeepseekV3MLP`.
 
 Reference: [docs/deepseek_v3.md §4.6](../docs/deepseek_v3.md#46-moe-and-shared-experts).
 

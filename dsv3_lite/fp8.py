@@ -1,16 +1,13 @@
 """08 · FP8 inference: block-scaled quantisation, Triton kernels, FP8 layers
 
-The fine-grained FP8 recipe of DeepSeek-V3 (arXiv:2412.19437, §3.3.2 and Fig. 7) as the model runs it: e4m3
-weights with one float32 scale per 128×128 block, activations quantised per 1×128 tile, products promoted to float32
-every 128 elements with the scales applied there; optional power-of-two (UE8M0) activation scales (DeepSeek-V3.1).
-
-This module is the PyTorch side, and imports no Triton: the format constants, the references `act_quant_ref`,
-`weight_quant_ref`, `weight_dequant_ref`, `fp8_gemm_ref`, the layers `FP8Linear` and `FP8Experts` (FP8 weights as
-parameters without gradients, block scales as buffers) and `use_fp8`, which puts them into a model. On a CUDA GPU the layers call the Triton
-kernels of `dsv3_lite.kernels.fp8`, elsewhere the references. Official code: `act_quant`, `weight_dequant`,
-`fp8_gemm` in `inference/kernel.py`, `Linear` and `Expert` in `inference/model.py`; transformers: `FP8Linear` and
-`FP8Expert` in `integrations/finegrained_fp8.py`. The quantisers compute x · (1/s), one division per tile, where the
-official kernel divides every element (the fp8 results differ only within an ulp of a rounding boundary).
+DeepSeek-V3 stores its 671B weights in FP8, one byte per number, which is what lets the whole model fit on one node
+of eight GPUs and makes each token cheaper to compute. An 8-bit float holds only 256 values, so the trick is the
+scale: every 128×128 block of a weight and every 1×128 tile of an activation gets its own float32 scale, and the
+matrix product adds its partial sums in float32 every 128 products. This notebook builds that recipe from the bits
+of the format up: PyTorch references first, then Triton kernels for the GPU (`act_quant`, `weight_quant`,
+`weight_dequant`, `fp8_gemm`, and a grouped GEMM for all experts of a MoE layer), then the layers `FP8Linear` and
+`FP8Experts` that the model uses for FP8 checkpoints. Official counterparts: `inference/kernel.py` and
+`inference/model.py`; transformers' `integrations/finegrained_fp8.py`.
 
 Reference: [docs/deepseek_v3.md §3.3, §4.8 and §6.18](../docs/deepseek_v3.md#48-fp8-linear-layer).
 

@@ -23,7 +23,7 @@ from dsv3_lite.model import Transformer
 __all__ = ['top_p_probs', 'sample', 'generate', 'DecodeGraph']
 
 
-# --- notebooks/07_model.ipynb, cell 14 (id 580343a2)
+# --- notebooks/07_model.ipynb, cell 18 (id 580343a2)
 def _check_sampling(where: str, temperature: Any, top_p: Any, greedy: bool = True) -> tuple[float, float]:
     """(temperature, top_p) as floats, or a ValueError naming the bad one: temperature a finite number >= 0 (> 0
     without `greedy`: temperature 0 has no distribution), top_p a number in (0, 1]. NaN would slip past a
@@ -60,7 +60,7 @@ def top_p_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) ->
     return probs
 
 
-# --- notebooks/07_model.ipynb, cell 15 (id 032b58bc)
+# --- notebooks/07_model.ipynb, cell 19 (id 032b58bc)
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens [B] from logits [B, V]: greedy if temperature == 0, else a draw from `top_p_probs(logits,
@@ -75,7 +75,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return torch.multinomial(top_p_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
-# --- notebooks/07_model.ipynb, cell 18 (id d4d4fe80)
+# --- notebooks/07_model.ipynb, cell 24 (id d4d4fe80)
 def _token_ids(where: str, prompt: Any, name: str, vocab: int) -> list[int]:
     """One prompt as Python ints: a list or tuple of ints, or an integer tensor [S]; every id in [0, vocab).
     Checked here, on the host: on the device the model checks ids only on a CPU (a GPU would have to sync)."""
@@ -191,7 +191,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     return out
 
 
-# --- notebooks/07_model.ipynb, cell 24 (id 9b296041)
+# --- notebooks/07_model.ipynb, cell 50 (id 9b296041)
 class DecodeGraph:
     """One decode step of `model` captured in a CUDA graph: token ids [B, 1] at a position held in a 0-dim device
     tensor -> last-position logits [B, V] float32 (what `model(tokens, start_pos, last_only=True)` returns).

@@ -1,17 +1,11 @@
 """07 · The whole model: blocks, KV-cache decoding, sampling and transformers' weights
 
-DeepSeek-V3 assembled ([V3] §2.1, Fig. 2): `Transformer` runs the token embedding, `n_layers` pre-norm blocks
-(`Block`: MLA, then a dense SwiGLU FFN in the first `n_dense_layers` layers and DeepSeekMoE after them) and the final
-RMSNorm (`hidden`), then the untied output head: float32 logits for every position, or for the last one.
-`setup_cache` switches on the KV cache for incremental decoding; the model checks its input once per call, at
-this boundary. `from_hf_state_dict` renames the weights of transformers' `DeepseekV3ForCausalLM` to ours
-(per-expert tensors stacked), which is how the model is checked against transformers; notebook 11 reads the
-published checkpoint files with the same renaming. Sampling and `generate` are in `dsv3_lite.generation`,
-exported by this notebook too.
-
-Official: `Block`, `Transformer` in `inference/model.py`, `convert.py` for the renaming; transformers:
-`DeepseekV3DecoderLayer`, `DeepseekV3ForCausalLM`. Divergences: logits for every position by default (official:
-last only); weights initialised N(0, init_std) ([V3] §4.2; official: uninitialised).
+This notebook stacks the pieces of notebooks 01-06 into DeepSeek-V3: the token embedding, 61 layers that each add an
+attention branch (MLA) and a feed-forward branch (a dense FFN or the MoE) to the running hidden state, a final
+RMSNorm, and the output head that turns every position into scores over the vocabulary. It then generates text
+cheaply with a KV cache, samples the next token from those scores, and loads transformers' weights into the model to
+show that both compute the same logits; notebook 11 loads the published checkpoint the same way. Counterparts:
+`Block`, `Transformer` and `generate.py` in the official code; `DeepseekV3ForCausalLM` in transformers.
 
 Reference: [docs/deepseek_v3.md §5 and §6.2](../docs/deepseek_v3.md#5-checkpoint-layout).
 
@@ -58,7 +52,7 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-# --- notebooks/07_model.ipynb, cell 9 (id 00d54b84)
+# --- notebooks/07_model.ipynb, cell 11 (id 00d54b84)
 class Transformer(nn.Module):
     """DeepSeek-V3 (official `Transformer`; HF `DeepseekV3ForCausalLM`).
 
@@ -203,7 +197,7 @@ class Transformer(nn.Module):
         return self.head(self.hidden(tokens, start_pos), last_only=last_only)   # [B, S, V] or [B, V], float32
 
 
-# --- notebooks/07_model.ipynb, cell 30 (id 6d73c0a5)
+# --- notebooks/07_model.ipynb, cell 28 (id 6d73c0a5)
 def _hf_to_ours(name: str, n_layers: int) -> tuple[str | None, int | None]:
     """HF tensor name -> (our parameter name, expert row or None); (None, layer) for layers >= n_layers (MTP)."""
     ours = official_param_name(name)                        # layers.3.ffn.experts.17.w1.weight, head.weight, ...

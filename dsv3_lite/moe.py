@@ -1,16 +1,12 @@
 """06 · DeepSeekMoE: gate, experts and auxiliary-loss-free balancing
 
-DeepSeekMoE as DeepSeek-V3 uses it (arXiv:2412.19437 §2.1.2, eqs. 12-20): one shared expert plus fine-grained routed
-experts, each a SwiGLU FFN, chosen per token by a sigmoid gate with group-limited top-k.
-
-`Gate` (eqs. 13-16: a selection-only bias for auxiliary-loss-free balancing, groups scored by their top-2 and masked
-with −inf, unbiased weights renormalised over the chosen experts × `route_scale`; softmax scoring for the V2-style
-presets, arXiv:2405.04434 §2.2), `Experts` (stacked `w1`, `w3` [E, I, D] and `w2` [E, D, I], run by a sorted
-dispatch with grouped GEMMs; `experts_loop` is the readable reference), `MoE`, and the training-time `update_bias`
-(γ = 0.001) and `sequence_balance_loss` (eqs. 17-20). Official code: `Gate`, `Expert`, `MoE` in
-`inference/model.py`; transformers: `DeepseekV3TopkRouter`, `DeepseekV3Experts`, `DeepseekV3MoE`. Divergences: the
-bias is switched on by `ModelArgs.gate_bias` (official: `dim == 7168`); the gate computes in float32 like
-transformers (official: bf16); no 1e-20 in the renormalisation (transformers adds it).
+In DeepSeek-V3, 58 of the 61 layers replace the feed-forward network by a mixture of experts (MoE): one shared
+expert that every token uses, plus 256 small routed experts of which a gate picks 8 per token. That is how a model
+of 671B parameters spends only about 37B of them on each token. This notebook builds the gate (sigmoid scores, a
+bias that steers which experts are chosen, and a limit on how many expert groups one token may use), runs the chosen
+experts fast by sorting the tokens by expert, and keeps the experts evenly loaded by nudging that bias after each
+training step instead of adding a loss. Counterparts: `Gate`, `Expert`, `MoE` in the official `inference/model.py`;
+`DeepseekV3TopkRouter`, `DeepseekV3MoE` in transformers.
 
 Reference: [docs/deepseek_v3.md §3.4, §4.5, §4.6 and §6.12–§6.17](../docs/deepseek_v3.md#45-gate).
 
@@ -29,7 +25,7 @@ from dsv3_lite.ffn import MLP
 __all__ = ['Gate', 'experts_loop', 'grouped_linear', 'experts_sorted', 'experts_few', 'Experts', 'MoE', 'expert_load', 'update_bias', 'sequence_balance_loss']
 
 
-# --- notebooks/06_moe.ipynb, cell 18 (id 51b8c3b1)
+# --- notebooks/06_moe.ipynb, cell 20 (id 51b8c3b1)
 class Gate(nn.Module):
     """The DeepSeek-V3 router (eqs. 13-16; official `Gate`, HF `DeepseekV3TopkRouter`).
 
@@ -91,7 +87,7 @@ class Gate(nn.Module):
         return self
 
 
-# --- notebooks/06_moe.ipynb, cell 28 (id 085dc2a4)
+# --- notebooks/06_moe.ipynb, cell 35 (id 085dc2a4)
 def experts_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                  w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """Routed experts, one at a time (the readable reference): `Σ_j weights[t, j] · FFN_{indices[t, j]}(x[t])`.
@@ -109,7 +105,7 @@ def experts_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     return y
 
 
-# --- notebooks/06_moe.ipynb, cell 33 (id 19d94eb1)
+# --- notebooks/06_moe.ipynb, cell 42 (id 19d94eb1)
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` runs `a` [M, K] @ `w` [E, N, K]ᵀ: CUDA bf16 on sm_80+, or a recent CPU build; rows,
     strides and pointers aligned to 16 bytes."""
@@ -159,7 +155,7 @@ def experts_sorted(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
     return torch.zeros_like(x).index_add_(0, token, ys)                   # [N, D]: sum each token's k rows
 
 
-# --- notebooks/06_moe.ipynb, cell 35 (id f3637bf3)
+# --- notebooks/06_moe.ipynb, cell 45 (id f3637bf3)
 def experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """Routed experts for a handful of tokens (CPU decoding), pair by pair; same result as `experts_loop`.
@@ -176,7 +172,7 @@ def experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     return y
 
 
-# --- notebooks/06_moe.ipynb, cell 41 (id df71bf9f)
+# --- notebooks/06_moe.ipynb, cell 53 (id df71bf9f)
 class Experts(nn.Module):
     """The routed experts of one MoE layer, stacked: `w1`, `w3` [E, I, D], `w2` [E, D, I] (expert e = `w*[e]`).
 
@@ -240,7 +236,7 @@ class MoE(nn.Module):
         return y.view(shape)
 
 
-# --- notebooks/06_moe.ipynb, cell 49 (id b2454642)
+# --- notebooks/06_moe.ipynb, cell 63 (id b2454642)
 def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Tokens routed to each expert: indices [..., k] -> counts [E] (long).
 
@@ -266,7 +262,7 @@ def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float = 1e-3) -> 
     return bias.add_(gamma * torch.sign(load.mean() - load))
 
 
-# --- notebooks/06_moe.ipynb, cell 54 (id bd697bb0)
+# --- notebooks/06_moe.ipynb, cell 68 (id bd697bb0)
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float = 1e-4) -> torch.Tensor:
     """Complementary sequence-wise balance loss ([V3] eqs. 17-20), averaged over the batch.
 

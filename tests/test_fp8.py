@@ -600,3 +600,29 @@ def test_fp8_layers_refuse_bad_activations():
         _bad(lambda impl=impl: q8(x[None], w, i, impl=impl), "FP8Experts", "x.shape", "(1, 6, 128)")
         _bad(lambda impl=impl: q8(x, w[:5], i, impl=impl), "FP8Experts", "weights.shape", "(5, 2)", "(6, 2)")
         _bad(lambda impl=impl: q8(x, w, i.float(), impl=impl), "FP8Experts", "indices.dtype", "torch.float32")
+
+
+def test_fp8_model_converted_under_inference_mode_decodes():
+    """`use_fp8` inside `torch.inference_mode()` makes the FP8 weights inference tensors, which keep no version counter:
+    absorbed attention then dequantises `wkv_b` at each call instead of keying a cached copy on the version, and the
+    decode step gives the logits of a model converted outside inference mode."""
+    from dsv3_lite import ModelArgs, Transformer
+
+    args = ModelArgs.preset("tiny").replace(dim=256, inter_dim=512, moe_inter_dim=128, q_lora_rank=128,
+                                            kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    torch.manual_seed(0)
+    plain = Transformer(args).eval()
+    inside = Transformer(args).eval()
+    inside.load_state_dict(plain.state_dict())
+    F.use_fp8(plain)
+    tokens = torch.randint(0, args.vocab_size, (1, 6))
+    logits = []
+    for model, convert_inside in ((plain, False), (inside, True)):
+        with torch.inference_mode():
+            if convert_inside:
+                F.use_fp8(model)
+                assert model.layers[0].attn.wkv_b.weight.is_inference()
+            model.setup_cache(1, 8)
+            model(tokens[:, :5], 0)
+            logits.append(model(tokens[:, 5:], 5, last_only=True))
+    assert torch.equal(logits[0], logits[1])

@@ -293,8 +293,8 @@ def test_grouped_gemm_past_2_31_elements(big_x):
 
 
 def test_fp8_gemm_compiles_once_per_bucket():
-    """Two row counts of one M bucket (65 and 100 round up to 128), one a multiple of 16 and one not, run the same
-    compiled kernel: M is not specialised, and the direct launch path reuses it."""
+    """Row counts of one M bucket (65, 96 and 100 round up to 128; 96 a multiple of 16, the others not) run the same
+    compiled kernel: M is not specialised (`do_not_specialize`), so a new prompt length needs no new compile."""
     N, K = 384, 512
     b, b_s = KF.weight_quant(torch.randn(N, K, device="cuda"))
     cfg = KF.gemm_candidates(100, N, K)[0]
@@ -303,7 +303,6 @@ def test_fp8_gemm_compiles_once_per_bucket():
         a, a_s = KF.act_quant(torch.randn(M, K, device="cuda"))
         got = KF.fp8_gemm(a, a_s, b, b_s, torch.float32, config=cfg)
         assert rel(got, fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < 5e-4
-        assert rel(KF.fp8_gemm(a, a_s, b, b_s, torch.float32, config=cfg), got) == 0   # the direct launch
         if M == 65:
             compiled = sum(len(cache[0]) for cache in kernel.device_caches.values())
     assert sum(len(cache[0]) for cache in kernel.device_caches.values()) == compiled

@@ -26,7 +26,7 @@ from dsv3_lite.fp8 import BLOCK, _cdiv
 __all__ = ['GLUON_ROWS', 'GLUON_GROUPS', 'GLUON_MATH_REGS', 'fp8_gemm_ws_kernel', 'gluon_fp8_gemm']
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 108 (id fc40456d)
+# --- notebooks/08_fp8_kernels.ipynb, cell 113 (id fc40456d)
 GLUON_ROWS = 64          # output rows per math warp group (one wgmma M)
 GLUON_GROUPS = 3         # math warp groups per program: 192x128 output tiles
 GLUON_MATH_REGS = 152    # registers per math thread: 3 x 128 x 152 + the loader's 4 x 32 x 56 = the SM's 64K
@@ -139,7 +139,7 @@ def fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, A_s, B_s, M, N, K, GROUP_M: gl.co
         mbarrier.invalidate(empty.index(i))
 
 
-# --- notebooks/08_fp8_kernels.ipynb, cell 110 (id 3dda63dc)
+# --- notebooks/08_fp8_kernels.ipynb, cell 115 (id 3dda63dc)
 _GROUP_M = 8                   # grouped tile order, as in dsv3_lite.kernels.fp8
 _COMPILED: dict = {}           # (GPU, output dtype, the kernel's constants) -> compiled kernel, launched directly
 
