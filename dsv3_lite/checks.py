@@ -9,7 +9,7 @@ import torch
 __all__ = ['check', 'learner_mode']
 
 
-# --- notebooks/01_rmsnorm.ipynb, cell 44 (id 139388fd)
+# --- notebooks/01_rmsnorm.ipynb, cell 28 (id 139388fd)
 def check(actual, expected, *, name: str = "result", atol: float = 1e-5, rtol: float = 1e-5) -> None:
     """Compare an exercise answer with the reference; print a ✓ line, or raise AssertionError explaining the difference.
 
@@ -37,7 +37,7 @@ def check(actual, expected, *, name: str = "result", atol: float = 1e-5, rtol: f
     print(f"✓ {name}: correct (shape {tuple(actual.shape)}, {actual.dtype})")
 
 
-# --- notebooks/01_rmsnorm.ipynb, cell 48 (id 8553c527)
+# --- notebooks/01_rmsnorm.ipynb, cell 32 (id 8553c527)
 def learner_mode() -> None:
     """In Jupyter: an exercise left blank (its placeholder raises NotImplementedError) prints "✗ not yet: ..." instead of
     a traceback. Outside IPython it does nothing."""

@@ -96,7 +96,7 @@ def official_param_name(name: str) -> str:
     return ".".join(_OFFICIAL_PARAM_NAMES.get(p, p) for p in name.split("."))
 
 
-# --- notebooks/02_embeddings.ipynb, cell 13 (id 6c763a99)
+# --- notebooks/02_embeddings.ipynb, cell 16 (id 6c763a99)
 _CHOICES = {"score_func": ("softmax", "sigmoid"), "dtype": ("bf16", "fp8"), "scale_fmt": (None, "ue8m0"),
             "attn_impl": ("naive", "absorb")}
 _POSITIVE_INT = ("max_batch_size", "max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers",
@@ -183,7 +183,7 @@ def _check_field_names(where: str, changes: dict[str, Any]) -> None:
                              "HF_CONFIG_NAMES maps the HF ones)")
 
 
-# --- notebooks/02_embeddings.ipynb, cell 15 (id 6267dbca)
+# --- notebooks/02_embeddings.ipynb, cell 18 (id 6267dbca)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=2048, dim=256, inter_dim=768, moe_inter_dim=128, n_layers=4, n_dense_layers=1,
                  n_heads=4, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
@@ -204,13 +204,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["v3.1"] = dict(PRESETS["671B"], scale_fmt="ue8m0")  # V3.1 differs only by UE8M0 (power-of-two) FP8 scales
 
 
-# --- notebooks/02_embeddings.ipynb, cell 17 (id c7058c39)
+# --- notebooks/02_embeddings.ipynb, cell 20 (id c7058c39)
 def _yarn_m(factor: float, mscale: float) -> float:
     """YaRN's attention temperature m(s, mscale) = 0.1·mscale·ln s + 1 (1 when s <= 1)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-# --- notebooks/02_embeddings.ipynb, cell 18 (id 65d670b3)
+# --- notebooks/02_embeddings.ipynb, cell 21 (id 65d670b3)
 @dataclasses.dataclass(frozen=True)
 class ModelArgs:
     """Every size of a DeepSeek-V3 style model; field names as in the official `inference/model.py` `ModelArgs`.
@@ -308,7 +308,7 @@ class ModelArgs:
         return args_to_hf(self)
 
 
-# --- notebooks/02_embeddings.ipynb, cell 23 (id 7e776522)
+# --- notebooks/02_embeddings.ipynb, cell 28 (id 7e776522)
 def param_counts(a: ModelArgs) -> dict[str, int]:
     """Parameter counts from the shapes of `a`: per module, the main model's total and activated counts, and MTP.
 
@@ -336,7 +336,7 @@ def param_counts(a: ModelArgs) -> dict[str, int]:
                 activated=active, mtp=a.n_mtp_layers * mtp_layer)
 
 
-# --- notebooks/02_embeddings.ipynb, cell 30 (id 7fa3d190)
+# --- notebooks/02_embeddings.ipynb, cell 40 (id 7fa3d190)
 def _read_json_object(path: Path, where: str) -> dict[str, Any]:
     """The JSON object in `path` (a config.json, a safetensors index); anything else raises a ValueError naming the
     file (`where`: the function that reads it)."""
@@ -498,7 +498,7 @@ def args_from_hf(config: str | Path | dict | Any, allow_other_model_type: bool =
         raise
 
 
-# --- notebooks/02_embeddings.ipynb, cell 36 (id 0c40093a)
+# --- notebooks/02_embeddings.ipynb, cell 45 (id 0c40093a)
 def args_to_hf(a: ModelArgs) -> dict[str, Any]:
     """A `transformers.DeepseekV3Config` keyword dict (transformers-5 `rope_parameters` form) equivalent to `a`."""
     hf: dict[str, Any] = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}

@@ -1,14 +1,12 @@
 """02 · Configuration, token embedding and output head
 
-The model's input and output ([V3] §2): `Embedding`, the token embedding `e_t = E[t]`, and `Head`, the untied output
-head `logits = W_head · h` (float32; every position, or the last one with `last_only`). Both are built from
-`ModelArgs`, the DeepSeek-V3 configuration with the official field names, its presets and its translation to and
-from a Hugging Face `config.json` (`dsv3_lite.config`, exported by the same notebook).
-
-Official: `ParallelEmbedding` and the `ColumnParallelLinear` head of `inference/model.py` (here on one rank);
-transformers: `embed_tokens`, `lm_head`. Divergence: the official head computes logits for the last position only.
-The embedding does not check token ids (on a GPU that would read them on the host at every step): the model checks
-them once per step, at its boundary (`Transformer.hidden`, notebook 07).
+A model of the DeepSeek-V3 family is fixed by about thirty numbers: width, depth, heads, experts, RoPE settings.
+This notebook writes them down once, as `ModelArgs` with the official names and presets from a laptop-sized `tiny`
+to the full 671B, counts the parameters they imply (671B in total, 37B used per token), and reads and writes
+Hugging Face's `config.json`. Then it builds the first and the last layer of the model: the token embedding, which
+turns ids into vectors, and the output head, which turns vectors back into one score per token of the vocabulary.
+Counterparts: `ModelArgs`, `ParallelEmbedding` and the head of the official `inference/model.py`; transformers'
+`DeepseekV3Config`, `embed_tokens` and `lm_head`.
 
 Reference: [docs/deepseek_v3.md §4.2 and §6.2](../docs/deepseek_v3.md#42-embedding-and-output-head).
 
@@ -24,7 +22,7 @@ from dsv3_lite.config import ModelArgs
 __all__ = ['Embedding', 'Head']
 
 
-# --- notebooks/02_embeddings.ipynb, cell 44 (id e6e967ae)
+# --- notebooks/02_embeddings.ipynb, cell 53 (id e6e967ae)
 class Embedding(nn.Module):
     """Token embedding `e_t = E[t]` (official `ParallelEmbedding` with one rank; HF `embed_tokens`).
 
@@ -45,7 +43,7 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)  # [B, S, D]
 
 
-# --- notebooks/02_embeddings.ipynb, cell 48 (id c5b22baf)
+# --- notebooks/02_embeddings.ipynb, cell 57 (id c5b22baf)
 class Head(nn.Module):
     """Untied output head `logits = h W_headᵀ` (official `head`, a `ColumnParallelLinear`; HF `lm_head`).
 

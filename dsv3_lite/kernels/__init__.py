@@ -24,7 +24,7 @@ import torch
 __all__ = ['HAS_TRITON', 'setup_triton', 'triton_mode']
 
 
-# --- notebooks/01_rmsnorm.ipynb, cell 28 (id 0ce6bd1e)
+# --- notebooks/01_rmsnorm.ipynb, cell 41 (id 0ce6bd1e)
 HAS_TRITON = importlib.util.find_spec("triton") is not None   # installed (imported only by `setup_triton`)
 _MODE: str | None = None                                     # "compiled", "interpreter" or "unavailable", once decided
 _LAZY = ("triton", "tl", "INTERPRET", "COMPILED")             # module attributes that `setup_triton` provides

@@ -12,7 +12,7 @@ from dsv3_lite.kernels import tl, triton
 __all__ = ['rms_norm_triton']
 
 
-# --- notebooks/01_rmsnorm.ipynb, cell 31 (id 53347699)
+# --- notebooks/01_rmsnorm.ipynb, cell 44 (id 53347699)
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,                      # input, [M, N], rows `stride_x` apart, last dim contiguous
