@@ -84,7 +84,10 @@ def test_grouped_gemm_equals_per_expert_fp8_gemm(case, N, E, k, n_out, K):
         ref = KF.fp8_gemm(xq[t], xs[t], w[e], w_s[e], torch.float32)
         exact = (xq[t].double() * xs[t].double().repeat_interleave(128, -1)) @ \
             F.weight_dequant_ref(w[e], w_s[e], dtype=torch.float64).T
-        assert torch.allclose(got[r], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (case, e)
+        # GPU: the two kernels may use different tensor-core instruction shapes (16- or 64-row tiles), whose FP8 sums
+        # inside one 128-wide step round differently (about 1e-4, section 11 of notebook 08)
+        tol = 1e-5 if DEV == "cpu" else 1e-3
+        assert torch.allclose(got[r], ref, rtol=tol, atol=tol * ref.abs().max().item()), (case, e)
         assert ((got[r].double() - exact).norm() / exact.norm()).item() < TOL32, (case, e)
         assert torch.allclose(weighted[r].float(), (ref * g[r, None]).bfloat16().float(), rtol=1e-2, atol=1e-3)
     # the same rows already in padded order (what w2 reads): no gather

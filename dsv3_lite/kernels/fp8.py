@@ -385,7 +385,12 @@ def gemm_candidates(M: int, N: int, K: int, fused: bool = False) -> list[dict]:
         return [dict(BLOCK_M=32 if M <= 32 else 64, BLOCK_N=128, num_warps=4)]
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     out = []
-    if M <= 128:
+    if M <= 16:      # a decode step of a few sequences: a matrix-vector product, bound by reading the weight
+        for BN in (64, 128):
+            for split in sorted({1, _split_k(M, N, K, 16, BN, sms)}):
+                for stages in (4, 6):
+                    out.append(dict(BLOCK_M=16, BLOCK_N=BN, SPLIT_K=split, num_warps=4, num_stages=stages))
+    elif M <= 128:
         for BM, BN in ((64, 64), (64, 128)):
             for split in sorted({1, _split_k(M, N, K, BM, BN, sms)}):
                 out.append(dict(BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=split, num_warps=4, num_stages=4))
@@ -657,13 +662,14 @@ def _grouped_config(block_m: int, swiglu: bool) -> dict:
 
 
 def grouped_block_m(pairs: int, n_experts: int) -> int:
-    """Rows per tile for `pairs` (token, expert) pairs spread over `n_experts` experts: 64, which wastes fewer padded
-    rows than 128 when experts get a few hundred rows each (at 4096 tokens, 128 rows per V3 expert on average: 64-row
-    tiles compute 1.22× the real rows, 128-row tiles 1.44×); 128 beyond 512 rows per expert on average, where each
-    weight tile is reused more; 32 in the interpreter (small tests)."""
+    """Rows per tile for `pairs` (token, expert) pairs spread over `n_experts` experts: 16 for decode steps (at most
+    16 rows per expert on average: each tile holds one or a few tokens, and the smallest tile reads the least); 64,
+    which wastes fewer padded rows than 128 when experts get a few hundred rows each (at 4096 tokens, 128 rows per V3
+    expert on average: 64-row tiles compute 1.22× the real rows, 128-row tiles 1.44×); 128 beyond 512 rows per expert
+    on average, where each weight tile is reused more; 32 in the interpreter (small tests)."""
     if not COMPILED:
         return 32
-    return 128 if pairs > 512 * n_experts else 64
+    return 16 if pairs <= 16 * n_experts else 64 if pairs <= 512 * n_experts else 128
 
 
 def _check_grouped(fn, a, a_s, w, w_s, tile_expert, rows, row_weight, w_up, w_up_s):
