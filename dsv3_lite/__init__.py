@@ -25,16 +25,16 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from dsv3_lite.tokenizer import BPETokenizer
 
 _MODULE_OF = {  # public name -> the module that defines it, imported on first use
-    # --- notebooks/00_tokenization.ipynb, cell 67 (id b0b6fd5f)
+    # --- notebooks/00_tokenization.ipynb, cell 79 (id b0b6fd5f)
     'BPETokenizer': 'dsv3_lite.tokenizer',
-    # --- notebooks/01_rmsnorm.ipynb, cell 50 (id ae3f0562)
+    # --- notebooks/01_rmsnorm.ipynb, cell 57 (id ae3f0562)
     'RMSNorm': 'dsv3_lite.norm',
-    # --- notebooks/02_embeddings.ipynb, cell 58 (id 7b255cee)
+    # --- notebooks/02_embeddings.ipynb, cell 68 (id 7b255cee)
     'ModelArgs': 'dsv3_lite.config',
-    # --- notebooks/07_model.ipynb, cell 53 (id 0fccd995)
+    # --- notebooks/07_model.ipynb, cell 61 (id 0fccd995)
     'Transformer': 'dsv3_lite.model',
     'generate': 'dsv3_lite.generation',
-    # --- notebooks/11_checkpoints.ipynb, cell 138 (id a6b6866e)
+    # --- notebooks/11_checkpoints.ipynb, cell 152 (id a6b6866e)
     'convert_checkpoint': 'dsv3_lite.checkpoint',
     'load_hf_checkpoint': 'dsv3_lite.checkpoint',
     'save_hf_checkpoint': 'dsv3_lite.checkpoint',

@@ -38,7 +38,7 @@ from pathlib import Path
 __all__ = ['DEFAULT_OUT', 'DEMO_OUT', 'EXIT_STATUS', 'TRAIN_FLAGS', 'COUNT', 'POSITIVE', 'SEED', 'THREADS', 'cmd_prepare', 'cmd_train', 'cmd_generate', 'cmd_convert', 'cmd_export', 'cmd_demo', 'build_parser', 'main']
 
 
-# --- notebooks/10_training.ipynb, cell 65 (id 0e22d1a9)
+# --- notebooks/10_training.ipynb, cell 73 (id 0e22d1a9)
 DEFAULT_OUT = "runs/dsv3-lite"    # checkpoint folder of `train` (and where `generate` looks)
 DEMO_OUT = "runs/demo"            # checkpoint folder of `demo`
 EXIT_STATUS = {"training diverged": 1, "bad input": 2, "missing file": 3, "interrupted": 130}

@@ -1,19 +1,12 @@
 """09 · Multi-token prediction and self-speculative decoding
 
-Multi-token prediction (MTP) of DeepSeek-V3 ([V3] §2.2, eqs. 21-25, Fig. 3; values in §4.2): `D` sequential
-modules; module k combines the previous depth's hidden state with the embedding of the token k ahead,
-`h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])`, runs one Transformer block (MoE for V3) and predicts
-token i+k+1 through `shared_head.norm` and the output head shared with the main model. `add_mtp` attaches the
-modules as `model.mtp`, `mtp_logits` / `mtp_loss` train them (`L_MTP = (λ/D) Σ_k L^k_MTP`, eq. 24), and
-`mtp_from_hf_state_dict` renames the checkpoint's extra layer `model.layers.{num_hidden_layers + k}.*` to ours
-(notebook 11's `load_mtp` reads it from the files).
-Self-speculative decoding with the MTP module is in `dsv3_lite.speculative`, exported by this notebook too.
-
-Official code: none (DeepSeek's `convert.py` drops layer 61); transformers 5.24: `MtpLayer`/`MtpModel` in
-`modeling_layers.py` (fed the final-normed hidden state, as here). Divergences: the embedding comes first in the
-concatenation, as in the released weights and transformers (eq. 21 writes the hidden state first); the MTP block's
-RoPE positions are those of the embedded tokens (transformers' choice); module k > 1 receives the previous module's
-*normed* output (transformers' `post_norm` chain; the paper does not say).
+DeepSeek-V3 learns to predict not only the next token but also the one after it. A small extra module, one
+Transformer block, reads the main model's last hidden state together with the embedding of the next token and
+predicts the token after next; its loss is added to the main loss during training. At inference the same module can
+draft a token that the main model checks in the forward pass it runs anyway: up to two tokens per step, and exactly
+the text plain decoding gives. We build the module, its loss, the loading of its weights from the published
+checkpoint, and this self-speculative decoding. Counterparts: transformers' `MtpLayer` / `MtpModel` (DeepSeek's
+inference code has no MTP).
 
 Reference: [docs/deepseek_v3.md §3.5, §4.7, §6.19 and §6.20](../docs/deepseek_v3.md#47-multi-token-prediction-module).
 

@@ -23,7 +23,7 @@ from dsv3_lite.model import Transformer
 __all__ = ['mtp_draft_step', 'verify_draft', 'SpeculativeStats', 'speculative_generate', 'compare_decoding']
 
 
-# --- notebooks/09_mtp.ipynb, cell 28 (id 6e1413b5)
+# --- notebooks/09_mtp.ipynb, cell 35 (id 6e1413b5)
 def mtp_draft_step(model: Transformer, h: torch.Tensor, next_tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
     """Run MTP module 1 with its KV cache on pairs (h_i, t_{i+1}), i = start_pos … start_pos+S−1; return its normed
     states [B, S, D] (`model.head` of the last one gives the draft for position start_pos + S + 1).
@@ -131,7 +131,7 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     return out, stats
 
 
-# --- notebooks/09_mtp.ipynb, cell 30 (id ebf36b56)
+# --- notebooks/09_mtp.ipynb, cell 40 (id ebf36b56)
 def compare_decoding(model: Transformer, prompt: list[int], max_new_tokens: int = 200, repeats: int = 3) -> dict:
     """Greedy decoding of `prompt`, plain vs speculative: one warm-up run each, then `repeats` rounds that alternate
     the two (so that a busy moment of the machine hits both alike); the fastest run of each counts.

@@ -1,13 +1,13 @@
 """10 · Training the tiny model on a laptop
 
-DeepSeek-V3's pre-training loop at laptop scale: the loss `next-token CE + λ·L_MTP + Σ α·L_Bal` (arXiv:2412.19437
-§2.2 eqs. 24-25, §2.1.2 eqs. 17-20) with the auxiliary-loss-free bias update after every step, AdamW with warm-up
-and cosine (§4.2), evaluation on fixed windows, and pickle-free safetensors checkpoints (weights, AdamW and RNG
-state, the tokenizer), written atomically and durably, with exact resume and clear stops on a non-finite loss,
-Ctrl-C, a mismatched resume and a model too large for the machine's memory.
-DeepSeek released no training code. Differences from V3's recipe (its published values: docs/deepseek_v3.md §3.6):
-fp32 on CPU instead of FP8, no constant-LR phase or batch-size ramp, and a bias update that compares each expert
-with the mean load (the paper does not state the rule).
+Until now every notebook ran the model; this one trains it. Text becomes a file of token ids. The loss is the one
+DeepSeek-V3 minimises: the next token, the token after next through the MTP module of notebook 09, and a tiny
+balance term; after every step the routing biases move so that the experts stay evenly loaded without an auxiliary
+loss, and AdamW with a warm-up and a cosine sets the pace. A checkpoint holds everything that decides the rest of
+the run, so a stopped run continues exactly where it was. DeepSeek released no training code: this follows the
+report, with the recipe's published values in the reference.
+
+Reference: [docs/deepseek_v3.md §3.4 and §3.6](../docs/deepseek_v3.md#36-training-and-context-extension).
 
 Generated from notebooks/10_training.ipynb.
 """
@@ -49,7 +49,7 @@ from dsv3_lite.tokenizer import BPETokenizer
 __all__ = ['TrainConfig', 'RESUME_MAY_CHANGE', 'RouterRecorder', 'compute_loss', 'lr_at', 'make_optimizer', 'training_bytes', 'inference_bytes', 'available_memory', 'check_fits_in_memory', 'TrainingError', 'save_checkpoint', 'checkpoint_metadata', 'read_checkpoint', 'checkpoint_tokenizer', 'load_model', 'Trainer']
 
 
-# --- notebooks/10_training.ipynb, cell 23 (id 3eb151fd)
+# --- notebooks/10_training.ipynb, cell 24 (id 3eb151fd)
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run depends on (saved in every checkpoint; see `RESUME_MAY_CHANGE`)."""
@@ -128,7 +128,7 @@ class TrainConfig:
 RESUME_MAY_CHANGE = ("steps", "eval_every", "eval_batches", "ckpt_every")  # the rest must match the checkpoint
 
 
-# --- notebooks/10_training.ipynb, cell 26 (id ea6a01e3)
+# --- notebooks/10_training.ipynb, cell 27 (id ea6a01e3)
 class RouterRecorder:
     """Forward hooks on every `Gate` of a model (main layers and MTP block) that keep what the balancing needs.
 
@@ -185,7 +185,7 @@ def compute_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, cfg: Trai
     return {"loss": main + mtp + bal, "main": main, "mtp": mtp, "balance": bal}
 
 
-# --- notebooks/10_training.ipynb, cell 30 (id 5139a734)
+# --- notebooks/10_training.ipynb, cell 31 (id 5139a734)
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr` over `warmup` steps, then a cosine down
     to `min_lr` at `steps` ([V3] §4.2 uses warm-up, a constant phase and a cosine; at our scale, warm-up + cosine)."""
@@ -207,7 +207,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opti
     return opt, [n for n, _ in decay + no_decay]
 
 
-# --- notebooks/10_training.ipynb, cell 34 (id 4c1d7e90)
+# --- notebooks/10_training.ipynb, cell 35 (id 4c1d7e90)
 def training_bytes(args: ModelArgs, batch_size: int, seq_len: int) -> int:
     """A lower bound of the memory `Trainer` needs, from the shapes alone: 16 bytes per parameter (float32 weights,
     their gradients, AdamW's exp_avg and exp_avg_sq; the MTP module included), plus one batch of logits and their
@@ -260,7 +260,7 @@ def check_fits_in_memory(needed: int, what: str, why: str, remedy: str) -> None:
                          f"{_size(available)} available: {remedy}")
 
 
-# --- notebooks/10_training.ipynb, cell 37 (id ffdedd7b)
+# --- notebooks/10_training.ipynb, cell 38 (id ffdedd7b)
 class TrainingError(RuntimeError):
     """Training stopped: a non-finite loss or gradient (the message names the step and the last good checkpoint)."""
 
@@ -413,7 +413,7 @@ def load_model(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
     return model.eval(), meta
 
 
-# --- notebooks/10_training.ipynb, cell 40 (id 6ad15670)
+# --- notebooks/10_training.ipynb, cell 47 (id 6ad15670)
 def _data_tokenizer(data: str | None) -> tuple[str | None, str | None]:
     """(path, text) of the tokenizer.json the training data was prepared with, read once so that every checkpoint
     carries the tokenizer itself. (None, None) for data prepared from a `BPETokenizer` object; (path, None) when the

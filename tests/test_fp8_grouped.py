@@ -20,6 +20,9 @@ from dsv3_lite.moe import Experts, MoE
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL32 = 1e-6 if DEV == "cpu" else 5e-4        # float32 GEMM vs float64, as in tests/test_fp8.py
 BM = 32 if DEV == "cpu" else 64               # rows per tile (the interpreter runs one program at a time)
+# per-expert fp8_gemm with the grouped kernel's tile shape: on a GPU 16-row and 64-row tiles use different tensor-core
+# instructions, whose FP8 sums inside one 128-wide step round differently (1e-7 against 1e-4 relative error)
+SAME_TILES = None if DEV == "cpu" else dict(BLOCK_M=BM, BLOCK_N=128, SPLIT_K=1, num_warps=4, num_stages=4)
 pytestmark = pytest.mark.skipif(triton_mode() == "unavailable",
                                 reason="needs Triton (compiled on a GPU or the interpreter on a CPU)")
 
@@ -81,13 +84,10 @@ def test_grouped_gemm_equals_per_expert_fp8_gemm(case, N, E, k, n_out, K):
         if t.numel() == 0:
             continue
         r = lay.dest[t, j]
-        ref = KF.fp8_gemm(xq[t], xs[t], w[e], w_s[e], torch.float32)
+        ref = KF.fp8_gemm(xq[t], xs[t], w[e], w_s[e], torch.float32, config=SAME_TILES)
         exact = (xq[t].double() * xs[t].double().repeat_interleave(128, -1)) @ \
             F.weight_dequant_ref(w[e], w_s[e], dtype=torch.float64).T
-        # GPU: the two kernels may use different tensor-core instruction shapes (16- or 64-row tiles), whose FP8 sums
-        # inside one 128-wide step round differently (about 1e-4, section 11 of notebook 08)
-        tol = 1e-5 if DEV == "cpu" else 1e-3
-        assert torch.allclose(got[r], ref, rtol=tol, atol=tol * ref.abs().max().item()), (case, e)
+        assert torch.allclose(got[r], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (case, e)
         assert ((got[r].double() - exact).norm() / exact.norm()).item() < TOL32, (case, e)
         assert torch.allclose(weighted[r].float(), (ref * g[r, None]).bfloat16().float(), rtol=1e-2, atol=1e-3)
     # the same rows already in padded order (what w2 reads): no gather
@@ -115,7 +115,8 @@ def test_grouped_swiglu_equals_quantised_reference():
         same = (h[r].view(torch.uint8) == ref_q.view(torch.uint8)).float().mean().item()
         assert same > (0.99 if DEV == "cpu" else 0.9), (e, same)
         deq, ref = h[r].float() * h_s[r].repeat_interleave(128, -1), ref_q.float() * ref_s.repeat_interleave(128, -1)
-        assert ((deq - ref).norm() / ref.norm()).item() < 1e-2
+        # GPU: the tensor cores' FP8 sums (1e-4) move more of h across e4m3 rounding boundaries (one step: 6-12 %)
+        assert ((deq - ref).norm() / ref.norm()).item() < (1e-2 if DEV == "cpu" else 2e-2)
 
 
 @pytest.mark.parametrize("N, E, k, D, I, dtype, fmt, hot, empty", [
@@ -140,7 +141,9 @@ def test_grouped_forward_equals_sorted_fp8_experts(N, E, k, D, I, dtype, fmt, ho
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
     if dtype == torch.float32:
-        assert rel(got, ref) < 1e-3                 # summation order, and the rare e4m3 rounding of h it flips
+        # summation order, and the rare e4m3 rounding of h it flips; on a GPU the two paths may also use different
+        # tensor-core instructions (16- or 64-row tiles), which round the FP8 sums differently (1e-7 against 1e-4)
+        assert rel(got, ref) < (1e-3 if DEV == "cpu" else 1e-2)
     else:
         # bf16 rounds the products and h before h is quantised, and a changed tile maximum moves every e4m3 value of
         # its tile: both bf16 paths land 2-4% from the float32 forward (seed to seed), the grouped one no further.

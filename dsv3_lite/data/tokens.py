@@ -124,7 +124,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return stale
 
 
-# --- notebooks/10_training.ipynb, cell 10 (id 268516b9)
+# --- notebooks/10_training.ipynb, cell 11 (id 268516b9)
 _WORKER_TOKENIZER = None
 
 
@@ -245,7 +245,7 @@ def prepare(inputs, tokenizer, out_dir: str | Path, *, name: str = "train", work
     return out
 
 
-# --- notebooks/10_training.ipynb, cell 15 (id 6fc55324)
+# --- notebooks/10_training.ipynb, cell 16 (id 6fc55324)
 class TokenFile:
     """A token file written by `prepare`, memory-mapped: `tokens` is a read-only numpy array of `count` ids.
 
@@ -350,7 +350,7 @@ def eval_windows(tokens: np.ndarray, n: int, seq_len: int) -> tuple[torch.Tensor
                     "eval_windows")
 
 
-# --- notebooks/10_training.ipynb, cell 18 (id f0b546f1)
+# --- notebooks/10_training.ipynb, cell 19 (id f0b546f1)
 def cache_dir() -> Path:
     """Where prepared data goes: $DSV3_LITE_CACHE, else ~/.cache/dsv3_lite."""
     return Path(os.environ.get("DSV3_LITE_CACHE") or Path.home() / ".cache" / "dsv3_lite")
