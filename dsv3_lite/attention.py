@@ -56,9 +56,10 @@ class MLA(nn.Module):
     `[start_pos, start_pos + S)` of `precompute_freqs_cis`; mask additive float [S, T] or [B, S, T] (T = start_pos + S
     with a cache, S without), the string "causal" (= `causal_mask(S, start_pos)`, which lets the fused kernel skip
     the masked blocks), or None. Without a cache (`setup_cache` not called) start_pos must be 0.
-    With a cache, a one-token step (S = 1) of the absorbed form may take start_pos as a 0-dim int64 tensor on x's
-    device instead of an int (mask None): the step then never reads the position on the host, so a CUDA graph can
-    capture it (07); it attends over the whole allocated cache and hides the rows after start_pos.
+    With a cache, a step of the absorbed form may take start_pos as a 0-dim int64 tensor on x's device instead of an
+    int: the step then never reads the position on the host, so a CUDA graph can capture it (07; a one-token decode
+    step, or the two-token verify step of speculative decoding, 09); it attends over the whole allocated cache, each
+    new token hiding the rows after its own position (the mask argument is not used).
     The layer does not check these rules at each call (it runs in every layer at every step): the model checks its
     input once per step, at its boundary (`Transformer.hidden`, 07). A call that breaks them fails inside PyTorch
     with a shape error, or returns a wrong result (a start_pos > 0 without a cache attends over the step's tokens).
@@ -159,7 +160,7 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, freqs_cis: torch.Tensor,
                 mask: torch.Tensor | str | None = None) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]; see the class docstring for start_pos, freqs_cis and mask (not checked here)."""
-        on_device = isinstance(start_pos, torch.Tensor)  # a one-token step whose position stays on the device
+        on_device = isinstance(start_pos, torch.Tensor)  # a decode step whose position stays on the device
         bsz, seqlen, _ = x.shape
         cache = self.cache_shape
         # keys attended over: the step's own tokens without a cache; with one, positions [0, start_pos + S), or
@@ -176,9 +177,10 @@ class MLA(nn.Module):
         pe = apply_rotary_emb(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), freqs_cis)  # [B, S, H+1, r]
         q_pe, k_pe = pe[:, :, :H], pe[:, :, H]  # [B, S, H, r]; [B, S, r] rotated, not normalised
         if self.attn_impl == "absorb" and self.kv_cache is not None:
-            if on_device:  # write row start_pos by index on the device: no Python int, no host sync (CUDA graphs)
-                self.kv_cache[:bsz].index_copy_(1, start_pos.view(1), kv.to(self.kv_cache.dtype))
-                self.pe_cache[:bsz].index_copy_(1, start_pos.view(1), k_pe.to(self.pe_cache.dtype))
+            if on_device:  # write rows start_pos … start_pos+S−1 by index on the device: no host sync (CUDA graphs)
+                rows = start_pos + torch.arange(seqlen, device=x.device)  # [S]
+                self.kv_cache[:bsz].index_copy_(1, rows, kv.to(self.kv_cache.dtype))
+                self.pe_cache[:bsz].index_copy_(1, rows, k_pe.to(self.pe_cache.dtype))
             else:
                 self.kv_cache[:bsz, start_pos:end] = kv  # the cache keeps only the latent and the RoPE key
                 self.pe_cache[:bsz, start_pos:end] = k_pe
@@ -206,9 +208,10 @@ class MLA(nn.Module):
                                beta=self.softmax_scale, alpha=self.softmax_scale)  # [B, S·H, T]
         if isinstance(mask, str):
             mask = causal_mask(seqlen, start_pos, x.device, scores.dtype) if seqlen > 1 else None
-        if on_device:  # T = the allocated cache: hide the rows after start_pos with an additive [1, T] mask
-            later = torch.arange(end, device=x.device) > start_pos  # [T] bool, compared on the device
-            mask = torch.zeros(1, end, device=x.device, dtype=scores.dtype).masked_fill_(later, float("-inf"))
+        if on_device:  # T = the allocated cache: each query hides the rows after its own position, [S, T]
+            pos = start_pos + torch.arange(seqlen, device=x.device)  # [S] positions of the new tokens
+            later = torch.arange(end, device=x.device) > pos[:, None]  # [S, T] bool, compared on the device
+            mask = torch.zeros(seqlen, end, device=x.device, dtype=scores.dtype).masked_fill_(later, float("-inf"))
         if mask is not None:
             scores = (scores.view(bsz, seqlen, H, -1) + mask.unsqueeze(-2)).flatten(1, 2)  # mask over heads
         # softmax in float32 (a no-op cast skipped when the model already is float32)

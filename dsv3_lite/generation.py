@@ -193,8 +193,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 
 # --- notebooks/07_model.ipynb, cell 50 (id 9b296041)
 class DecodeGraph:
-    """One decode step of `model` captured in a CUDA graph: token ids [B, 1] at a position held in a 0-dim device
-    tensor -> last-position logits [B, V] float32 (what `model(tokens, start_pos, last_only=True)` returns).
+    """One decode step of `model` captured in a CUDA graph: token ids [B, S] (S = 1 for plain decoding, 2 for the
+    verify step of speculative decoding) at a position held in a 0-dim device tensor -> logits float32, [B, V] of the
+    last position (`last_only=True`, what `model(tokens, start_pos, last_only=True)` returns) or [B, S, V].
 
     `DecodeGraph(model, tokens, start_pos)` warms the step up on a side stream, then captures it
     (`torch.cuda.CUDAGraph`); `graph(tokens, start_pos)` copies the ids and the position into the static buffers,
@@ -205,22 +206,25 @@ class DecodeGraph:
     """
 
     @torch.no_grad()
-    def __init__(self, model: Transformer, tokens: torch.Tensor, start_pos: int, warmup: int = 3):
+    def __init__(self, model: Transformer, tokens: torch.Tensor, start_pos: int, warmup: int = 3,
+                 last_only: bool = True):
         device = model.head.weight.device
         if device.type != "cuda":
             raise ValueError(f"DecodeGraph: a model on {device} is not allowed: CUDA graphs need a CUDA GPU")
-        self.tokens = tokens.to(device, torch.long, copy=True)                # [B, 1] static token ids
+        if not isinstance(last_only, bool):
+            raise ValueError(f"DecodeGraph: last_only = {last_only!r} is not allowed: it must be a bool")
+        self.tokens = tokens.to(device, torch.long, copy=True)                # [B, S] static token ids
         self.pos = torch.tensor(start_pos, dtype=torch.long, device=device)   # 0-dim static position
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):                                        # warm-up outside the capture
             for _ in range(warmup):
-                model(self.tokens, self.pos, last_only=True)
+                model(self.tokens, self.pos, last_only=last_only)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
-                self.logits = model(self.tokens, self.pos, last_only=True)  # [B, V] float32, static output
+                self.logits = model(self.tokens, self.pos, last_only=last_only)  # [B, V] or [B, S, V], static
         except RuntimeError as e:
             raise RuntimeError("DecodeGraph: capturing the decode step failed; every operation of the step must run "
                                "without reading device values on the host (.item(), .tolist(), bool(tensor)), "
@@ -234,4 +238,4 @@ class DecodeGraph:
         self.tokens.copy_(tokens)
         self.pos.fill_(start_pos)                  # a kernel argument, not a host-to-device copy: no sync
         self.graph.replay()
-        return self.logits                         # [B, V]
+        return self.logits                         # [B, V] or [B, S, V]

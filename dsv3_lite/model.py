@@ -61,8 +61,9 @@ class Transformer(nn.Module):
     continue a sequence: `model(prompt, 0)`, then `model(next_tokens, len(prompt))`, …
     `model.hidden(tokens, start_pos)` returns the final-normed hidden states [B, S, D] that the head turns into logits
     (`model.head(model.hidden(t)) == model(t)`); the MTP module (notebook 09) starts from them.
-    For one-token steps on the cache, start_pos may be a 0-dim int64 tensor on the model's device (absorbed attention):
-    the step then reads nothing on the host and a CUDA graph can capture it (`DecodeGraph`).
+    For steps on the cache, start_pos may be a 0-dim int64 tensor on the model's device (absorbed attention): the step
+    then reads nothing on the host and a CUDA graph can capture it (`DecodeGraph`). The caller keeps start_pos + S
+    within the cache: a tensor position is never read, so it cannot be checked.
     `hidden` (and so `forward`) checks its input once per step, the layers do not: token ids are range-checked only on
     the CPU, and a tensor start_pos is never read (on a GPU both would wait for the device).
     With a cache, `n_cached` counts the positions it holds, `[0, n_cached)`: a step may start at any
@@ -118,7 +119,8 @@ class Transformer(nn.Module):
         seqlen = tokens.shape[1]
         h = self.embed(tokens)                                                  # [B, S, D]
         if isinstance(start_pos, torch.Tensor):  # a decode step with its position on the device (CUDA graphs)
-            freqs_cis = self.freqs_cis(h.device).index_select(0, start_pos.view(1))  # [1, d_R/2], gathered on the device
+            pos = start_pos + torch.arange(seqlen, device=h.device)                  # [S]
+            freqs_cis = self.freqs_cis(h.device).index_select(0, pos)                # [S, d_R/2], gathered on the device
         else:
             freqs_cis = self.freqs_cis(h.device)[start_pos:start_pos + seqlen]  # [S, d_R/2]
         mask = "causal" if seqlen > 1 else None  # causal_mask(S, start_pos), built (or fused) by each MLA
@@ -150,11 +152,10 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         on_device = isinstance(start_pos, torch.Tensor)
         if on_device:
-            if start_pos.dim() != 0 or start_pos.dtype != torch.int64 or seqlen != 1 \
-                    or start_pos.device != self.embed.weight.device:
-                raise ValueError(f"Transformer: start_pos = {start_pos!r} with S = {seqlen} is not allowed: a tensor "
-                                 "start_pos must be a 0-dim int64 tensor on the model's device "
-                                 f"({self.embed.weight.device}), for one-token steps (S = 1); pass an int otherwise")
+            if start_pos.dim() != 0 or start_pos.dtype != torch.int64 or start_pos.device != self.embed.weight.device:
+                raise ValueError(f"Transformer: start_pos = {start_pos!r} is not allowed: a tensor start_pos must be a "
+                                 f"0-dim int64 tensor on the model's device ({self.embed.weight.device}); pass an int "
+                                 "otherwise")
         elif not isinstance(start_pos, int) or start_pos < 0 or start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"Transformer: start_pos = {start_pos} with S = {seqlen} is not allowed: start_pos >= 0 "
                              f"and start_pos + S <= max_seq_len = {self.args.max_seq_len}")

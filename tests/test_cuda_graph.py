@@ -63,6 +63,25 @@ def test_decode_graph_logits_equal_eager_steps(model):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_two_token_verify_graph_equals_eager_steps(model):
+    """The verify step of speculative decoding, two tokens at a device-held position, captured once and replayed at
+    successive positions: the logits of both positions equal eager two-token steps."""
+    seq = torch.randint(0, ARGS.vocab_size, (2, 24), device="cuda")
+    with torch.no_grad():
+        model.setup_cache(2, 32)
+        model(seq[:, :8], 0)
+        eager = [model(seq[:, p:p + 2], p) for p in range(8, 20, 2)]
+        model.setup_cache(2, 32)
+        model(seq[:, :8], 0)
+        g = DecodeGraph(model, seq[:, 8:10], 8, last_only=False)
+        replayed = [g(seq[:, p:p + 2], p).clone() for p in range(8, 20, 2)]
+        model.reset_cache()
+    got, want = torch.stack(replayed), torch.stack(eager)                           # [6, B, 2, V] float32
+    assert got.shape == want.shape == (6, 2, 2, ARGS.vocab_size)
+    assert ((got - want).norm() / want.norm()).item() < 1e-2                       # bf16: same math, other order
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 @pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype feature")
 @pytest.mark.parametrize("kind", ["int", "tensor"])
 def test_decode_step_makes_no_host_sync(model, kind):

@@ -193,12 +193,30 @@ def test_tensor_start_pos_decode_equals_int():
     torch.testing.assert_close(runs["tensor"], runs["int"], atol=1e-6, rtol=0)
 
 
+def test_tensor_start_pos_multi_token_steps_equal_int():
+    """Steps of 2 and 3 tokens with start_pos a 0-dim tensor (the verify step of speculative decoding in a CUDA graph)
+    give the int path's logits at every position: the cache rows are written by index and each new token hides the
+    rows after its own position."""
+    torch.manual_seed(1)
+    m = Transformer(SMALL).eval()
+    seq = torch.randint(0, SMALL.vocab_size, (2, 16))
+    runs = {}
+    with torch.no_grad():
+        for kind in ("int", "tensor"):
+            m.setup_cache(2, 20)
+            logits, p = [m(seq[:, :5], 0)], 5
+            for n in (2, 3, 1, 2):
+                logits.append(m(seq[:, p:p + n], p if kind == "int" else torch.tensor(p)))
+                p += n
+            runs[kind] = torch.cat(logits, 1)              # [B, 13, V]
+            m.reset_cache()
+    torch.testing.assert_close(runs["tensor"], runs["int"], atol=1e-5, rtol=0)
+
+
 def test_tensor_start_pos_and_cuda_graph_bad_input():
     m = Transformer(SMALL).eval()
     with torch.no_grad():
         m.setup_cache(1, 8)
-        with pytest.raises(ValueError, match=r"start_pos = tensor\(2\) with S = 2 is not allowed: .*one-token steps"):
-            m(torch.zeros(1, 2, dtype=torch.long), torch.tensor(2))
         with pytest.raises(ValueError, match="a tensor start_pos must be a 0-dim int64 tensor"):
             m(torch.zeros(1, 1, dtype=torch.long), torch.tensor(2, dtype=torch.int32))
         with pytest.raises(ValueError, match="a tensor start_pos must be a 0-dim int64 tensor"):
