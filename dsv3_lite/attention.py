@@ -206,7 +206,7 @@ class MLA(nn.Module):
         # plus the RoPE part, both times the softmax scale: scale·(q^R k^Rᵀ) + scale·(q^C c^KVᵀ) in one baddbmm
         scores = torch.baddbmm(torch.bmm(q_pe.reshape(bsz, seqlen * H, -1), k_pe.mT), q_nope, kv.mT,
                                beta=self.softmax_scale, alpha=self.softmax_scale)  # [B, S·H, T]
-        if isinstance(mask, str):
+        if isinstance(mask, str) and not on_device:
             mask = causal_mask(seqlen, start_pos, x.device, scores.dtype) if seqlen > 1 else None
         if on_device:  # T = the allocated cache: each query hides the rows after its own position, [S, T]
             pos = start_pos + torch.arange(seqlen, device=x.device)  # [S] positions of the new tokens
