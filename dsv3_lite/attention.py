@@ -162,6 +162,8 @@ class MLA(nn.Module):
         """x [B, S, D] -> [B, S, D]; see the class docstring for start_pos, freqs_cis and mask (not checked here)."""
         on_device = isinstance(start_pos, torch.Tensor)  # a decode step whose position stays on the device
         bsz, seqlen, _ = x.shape
+        if on_device:
+            pos = start_pos + torch.arange(seqlen, device=x.device)  # [S] positions of the new tokens
         cache = self.cache_shape
         # keys attended over: the step's own tokens without a cache; with one, positions [0, start_pos + S), or
         # the whole allocated cache for a tensor start_pos (the rows after it are masked below)
@@ -178,9 +180,8 @@ class MLA(nn.Module):
         q_pe, k_pe = pe[:, :, :H], pe[:, :, H]  # [B, S, H, r]; [B, S, r] rotated, not normalised
         if self.attn_impl == "absorb" and self.kv_cache is not None:
             if on_device:  # write rows start_pos … start_pos+S−1 by index on the device: no host sync (CUDA graphs)
-                rows = start_pos + torch.arange(seqlen, device=x.device)  # [S]
-                self.kv_cache[:bsz].index_copy_(1, rows, kv.to(self.kv_cache.dtype))
-                self.pe_cache[:bsz].index_copy_(1, rows, k_pe.to(self.pe_cache.dtype))
+                self.kv_cache[:bsz].index_copy_(1, pos, kv.to(self.kv_cache.dtype))
+                self.pe_cache[:bsz].index_copy_(1, pos, k_pe.to(self.pe_cache.dtype))
             else:
                 self.kv_cache[:bsz, start_pos:end] = kv  # the cache keeps only the latent and the RoPE key
                 self.pe_cache[:bsz, start_pos:end] = k_pe
@@ -209,7 +210,6 @@ class MLA(nn.Module):
         if isinstance(mask, str) and not on_device:
             mask = causal_mask(seqlen, start_pos, x.device, scores.dtype) if seqlen > 1 else None
         if on_device:  # T = the allocated cache: each query hides the rows after its own position, [S, T]
-            pos = start_pos + torch.arange(seqlen, device=x.device)  # [S] positions of the new tokens
             later = torch.arange(end, device=x.device) > pos[:, None]  # [S, T] bool, compared on the device
             mask = torch.zeros(seqlen, end, device=x.device, dtype=scores.dtype).masked_fill_(later, float("-inf"))
         if mask is not None:
